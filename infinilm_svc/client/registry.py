@@ -1,0 +1,126 @@
+"""A client of the registry's HTTP API: register, heartbeat, deregister, list and watch."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+
+
+class RegistryUnavailable(Exception):
+    """The registry could not be reached, or answered with a server error."""
+
+
+class RegistryRejected(Exception):
+    """The registry answered a 4xx other than 404 (bad record, missing token, ...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"registry answered {status}: {message}")
+        self.status = status
+
+
+def _error_text(body: Any) -> str:
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message"))
+        if err is not None:
+            return str(err)
+    return str(body)[:200]
+
+
+class RegistryClient:
+    """Talks to one registry with a caller-owned ClientSession."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | None = None,
+                 timeout: float = 10.0) -> None:
+        self.session = session
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def _call(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
+                    timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, Any, Any]:
+        try:
+            async with self.session.request(method, self.url + path, json=json, params=params,
+                                            headers=self._headers(), timeout=timeout or self.timeout) as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except (ValueError, aiohttp.ContentTypeError):
+                    body = None
+                return resp.status, body, resp.headers
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise RegistryUnavailable(f"{method} {self.url}{path}: {type(exc).__name__}: {exc}") from exc
+
+    def _raise_for(self, status: int, body: Any) -> None:
+        if status >= 500:
+            raise RegistryUnavailable(f"registry answered {status}: {_error_text(body)}")
+        if status >= 400:
+            raise RegistryRejected(status, _error_text(body))
+
+    async def register(self, record: dict) -> dict:
+        """POST /services; returns the stored record."""
+        status, body, _ = await self._call("POST", "/services", json=record)
+        self._raise_for(status, body)
+        return body.get("service", {}) if isinstance(body, dict) else {}
+
+    async def heartbeat(self, name: str, status: str | None = None, metadata: dict | None = None) -> bool:
+        """POST /services/{name}/heartbeat; False when the registry does not know the name."""
+        payload: dict[str, Any] = {}
+        if status is not None:
+            payload["status"] = status
+        if metadata is not None:
+            payload["metadata"] = metadata
+        code, body, _ = await self._call("POST", f"/services/{name}/heartbeat", json=payload or None)
+        if code == 404:
+            return False
+        self._raise_for(code, body)
+        return True
+
+    async def deregister(self, name: str) -> bool:
+        """DELETE /services/{name}; False when it was not registered."""
+        code, body, _ = await self._call("DELETE", f"/services/{name}")
+        if code == 404:
+            return False
+        self._raise_for(code, body)
+        return True
+
+    async def get(self, name: str) -> dict | None:
+        code, body, _ = await self._call("GET", f"/services/{name}")
+        if code == 404:
+            return None
+        self._raise_for(code, body)
+        return body
+
+    async def services(self, *, healthy: bool | None = None, status: str | None = None,
+                       index: int | None = None, wait: float | None = None) -> tuple[list[dict], int]:
+        """GET /services; with `index` and `wait` it blocks until the table changes past `index`.
+
+        Returns the records and the registry's index (X-Registry-Index).
+        """
+        params: dict[str, str] = {}
+        if healthy is not None:
+            params["healthy"] = "true" if healthy else "false"
+        if status is not None:
+            params["status"] = status
+        timeout = None
+        if index is not None:
+            params["index"] = str(index)
+            if wait is not None:
+                params["wait"] = f"{wait:g}s"
+                timeout = aiohttp.ClientTimeout(total=wait + self.timeout.total)
+        code, body, headers = await self._call("GET", "/services", params=params, timeout=timeout)
+        self._raise_for(code, body)
+        try:
+            idx = int(headers.get("X-Registry-Index", "0"))
+        except ValueError:
+            idx = 0
+        return list(body.get("services", [])) if isinstance(body, dict) else [], idx
+
+    async def health(self) -> dict:
+        code, body, _ = await self._call("GET", "/health")
+        self._raise_for(code, body)
+        return body

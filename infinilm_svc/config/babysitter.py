@@ -1,0 +1,140 @@
+"""An upstream babysitter file (reference §3.2), accepted unchanged, plus our optional keys."""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+from .schema import check_port, check_positive, check_url
+
+BACKEND_TYPES = ("command", "mock", "vllm", "infinilm-rust", "infinilm")
+
+
+@dataclass(frozen=True)
+class SupervisionConfig:
+    """The `[babysitter]` table: restart policy, heartbeats and probes (supervisord vocabulary)."""
+
+    max_restarts: int = 10000         # quick failures in a row before FATAL
+    restart_delay: float = 5.0        # first back-off; doubles up to backoff_max
+    heartbeat_interval: float = 30.0
+    backoff_max: float = 60.0
+    startsecs: float = 60.0           # up this long = a stable run; resets the failure counter
+    ready_timeout: float = 900.0      # not ready in this long = kill and restart (real LLMs load slowly)
+    health_interval: float = 5.0      # liveness probe period once running
+    health_timeout: float = 5.0
+    liveness_failures: int = 3        # consecutive failed probes before a restart
+    stop_timeout: float = 10.0        # stopwaitsecs: TERM, wait this long, then KILL
+    stopsignal: str = "TERM"
+    log_file: str | None = None       # default: <name>.log in log_dir
+    log_dir: str = "logs"
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 3
+    log_ring_lines: int = 2000
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if self.max_restarts < 0:
+            out.append(("max_restarts", f"max_restarts must be >= 0, got {self.max_restarts}"))
+        for name in ("heartbeat_interval", "ready_timeout", "health_interval", "health_timeout", "backoff_max"):
+            if (m := check_positive(getattr(self, name), name)):
+                out.append((name, m))
+        for name in ("restart_delay", "startsecs", "stop_timeout"):
+            if (m := check_positive(getattr(self, name), name, allow_zero=True)):
+                out.append((name, m))
+        if self.liveness_failures < 1:
+            out.append(("liveness_failures", f"liveness_failures must be >= 1, got {self.liveness_failures}"))
+        if self.stopsignal.upper().removeprefix("SIG") not in ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2"):
+            out.append(("stopsignal", f"unknown signal {self.stopsignal!r} (TERM, INT, QUIT, HUP, KILL, USR1, USR2)"))
+        if self.log_ring_lines < 10:
+            out.append(("log_ring_lines", f"log_ring_lines must be >= 10, got {self.log_ring_lines}"))
+        return out
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The `[backend]` table: what inference server to run."""
+
+    type: str
+    command: str | None = None        # command: program (a string is split like a shell would)
+    args: tuple[str, ...] = ()        # passed as given, never re-split
+    work_dir: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    model: str | None = None          # vllm
+    models: tuple[str, ...] = ()      # mock; or the declared models of a backend without a model list
+    config_file: str | None = None    # infinilm-rust
+    model_path: str | None = None     # infinilm
+    health_path: str | None = None    # readiness/liveness path for backends with no model list
+    mock_options: tuple[str, ...] = ()  # extra `mock` flags for type = "mock" (e.g. ["--latency", "0.1"])
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if self.type not in BACKEND_TYPES:
+            out.append(("type", f"unknown backend type {self.type!r} (one of {', '.join(BACKEND_TYPES)})"))
+            return out
+        if self.type == "command":
+            if not self.command or not self.command.strip():
+                out.append(("command", 'type = "command" needs command = "program"'))
+            else:
+                try:
+                    shlex.split(self.command)
+                except ValueError as exc:
+                    out.append(("command", f"cannot split command: {exc}"))
+        if self.type == "mock" and not self.models:
+            out.append(("models", 'type = "mock" needs models = ["..."]'))
+        if self.type == "vllm" and not self.model:
+            out.append(("model", 'type = "vllm" needs model = "/path/or/name"'))
+        if self.type == "infinilm-rust" and not self.config_file:
+            out.append(("config_file", 'type = "infinilm-rust" needs config_file'))
+        if self.type == "infinilm" and not self.model_path:
+            out.append(("model_path", 'type = "infinilm" needs model_path'))
+        return out
+
+
+@dataclass(frozen=True)
+class BabysitterConfig:
+    """One babysitter: the upstream file's top-level keys plus `bind` and `token` of ours."""
+
+    port: int
+    backend: BackendConfig
+    name: str | None = None
+    host: str = "localhost"           # the address others use to reach it (upstream meaning)
+    bind: str = "0.0.0.0"             # where the babysitter's own HTTP API listens
+    registry_url: str | None = None
+    router_url: str | None = None     # accepted for compatibility; unused, as upstream
+    token: str | None = None          # registry token, also required by POST /restart|/stop|/start
+    babysitter: SupervisionConfig = field(default_factory=SupervisionConfig)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    config_dir: str = "."             # directory of the file, for relative paths (not a TOML key)
+
+    INTERNAL_FIELDS = ("config_dir",)
+
+    @property
+    def service_name(self) -> str:
+        """The babysitter's registry name (upstream default: `{type}-{port}`)."""
+        return self.name or f"{self.backend.type.lower().replace(' ', '-')}-{self.port}"
+
+    @property
+    def server_name(self) -> str:
+        """The backend's registry name."""
+        return f"{self.service_name}-server"
+
+    @property
+    def api_port(self) -> int:
+        return self.port + 1
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if (m := check_port(self.port)):
+            out.append(("port", m))
+        elif self.port == 65535:
+            out.append(("port", "port must leave room for the babysitter on port + 1"))
+        if self.name is not None and (not self.name.strip() or "/" in self.name):
+            out.append(("name", f"name must be non-empty and contain no '/', got {self.name!r}"))
+        for key in ("registry_url", "router_url"):
+            if (m := check_url(getattr(self, key))):
+                out.append((key, m))
+        return out
+
+    def with_overrides(self, **overrides: Any) -> "BabysitterConfig":
+        """Apply the upstream CLI overrides (--name --port --host --registry-url --router-url)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,40 @@
+"""The `[registry]` table of a node file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .schema import check_port, check_positive
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    """Settings of the registry role."""
+
+    bind: str = "0.0.0.0"
+    port: int = 18000
+    heartbeat_ttl: float = 120.0      # healthy = status running and a heartbeat within this
+    expire_after: float = 300.0       # records are deleted this long after their last heartbeat
+    sweep_interval: float = 1.0       # how often health lapses and expiries are looked for
+    probe_interval: float = 30.0      # informational active probes (upstream health_status); 0 = off
+    probe_timeout: float = 5.0
+    token: str | None = None          # when set, writes need `Authorization: Bearer <token>`
+    state_file: str | None = None     # when set, the table survives a restart
+    max_body: int = 1 << 20           # bytes; larger requests get 413
+    max_wait: float = 300.0           # longest watch (?wait=) a client may ask for
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if (m := check_port(self.port)):
+            out.append(("port", m))
+        for name in ("heartbeat_ttl", "expire_after", "sweep_interval", "probe_timeout", "max_wait"):
+            if (m := check_positive(getattr(self, name), name)):
+                out.append((name, m))
+        if (m := check_positive(self.probe_interval, "probe_interval", allow_zero=True)):
+            out.append(("probe_interval", m))
+        if self.expire_after < self.heartbeat_ttl:
+            out.append(("expire_after", f"expire_after ({self.expire_after}) must be >= heartbeat_ttl ({self.heartbeat_ttl})"))
+        if self.max_body < 1024:
+            out.append(("max_body", f"max_body must be at least 1024 bytes, got {self.max_body}"))
+        if self.token is not None and not self.token.strip():
+            out.append(("token", "token must not be empty (leave it out to disable auth)"))
+        return out

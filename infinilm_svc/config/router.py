@@ -1,0 +1,79 @@
+"""The `[router]` table of a node file."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .schema import check_port, check_positive, check_url
+
+POLICIES = ("round_robin", "weighted", "least_requests", "power_of_two", "session", "cache_aware")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Settings of the router role."""
+
+    bind: str = "0.0.0.0"
+    port: int = 8000
+    registry_url: str | None = None
+    registry_token: str | None = None       # the registry's write token, to register the router
+    public_url: str | None = None           # the URL registered for this router (default http://bind:port)
+    name: str | None = None                 # registry name (default router-<host>-<port>)
+    static_services: str | None = None      # upstream-format static services JSON file
+    policy: str = "round_robin"
+    model_policies: Mapping[str, str] = field(default_factory=dict)  # per-model override
+    api_keys: tuple[str, ...] = ()          # when set, clients need `Authorization: Bearer <key>`
+    backend_api_key: str | None = None      # Authorization sent to backends (client's is never forwarded)
+    max_body: int = 32 * 1024 * 1024        # bytes; long prompts are big
+    heartbeat_interval: float = 10.0
+    watch_wait: float = 30.0                # blocking-query wait against the registry
+    health_interval: float = 5.0
+    health_timeout: float = 5.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 2
+    eject_after_failures: int = 1           # passive: consecutive failures that open the circuit
+    eject_cooldown: float = 10.0            # open circuit duration before a half-open trial
+    retries: int = 2                        # extra attempts, each on a different backend
+    retry_backoff: float = 0.05             # base of the jittered back-off between attempts
+    retry_on_timeout: bool = False
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0             # idle time between bytes from a backend (no total timeout)
+    max_in_flight: int = 0                  # per backend; 0 = unlimited
+    queue_size: int = 100                   # waiters per backend when max_in_flight is reached
+    queue_timeout: float = 30.0
+    session_load_factor: float = 1.25       # bounded-load consistent hashing
+    cache_min_match: int = 64               # cache_aware: shortest useful prefix match (chars)
+    cache_balance_ratio: float = 1.5        # cache_aware: skip the match if its load is this much over the least
+    cache_type_threshold: int = 51200       # bytes of message text above which "static" pools are used
+    access_log: bool = True
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if (m := check_port(self.port)):
+            out.append(("port", m))
+        for key in ("registry_url", "public_url"):
+            if (m := check_url(getattr(self, key))):
+                out.append((key, m))
+        if self.policy not in POLICIES:
+            out.append(("policy", f"unknown policy {self.policy!r} (one of {', '.join(POLICIES)})"))
+        for model, pol in self.model_policies.items():
+            if pol not in POLICIES:
+                out.append((f"model_policies.{model}", f"unknown policy {pol!r} (one of {', '.join(POLICIES)})"))
+        for name in ("heartbeat_interval", "watch_wait", "health_interval", "health_timeout",
+                     "eject_cooldown", "connect_timeout", "read_timeout", "queue_timeout",
+                     "session_load_factor", "cache_balance_ratio"):
+            if (m := check_positive(getattr(self, name), name)):
+                out.append((name, m))
+        for name in ("unhealthy_threshold", "healthy_threshold", "eject_after_failures"):
+            if getattr(self, name) < 1:
+                out.append((name, f"{name} must be >= 1, got {getattr(self, name)}"))
+        for name in ("retries", "max_in_flight", "queue_size", "cache_min_match", "cache_type_threshold"):
+            if getattr(self, name) < 0:
+                out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
+        if self.session_load_factor < 1:
+            out.append(("session_load_factor", f"session_load_factor must be >= 1, got {self.session_load_factor}"))
+        if self.max_body < 1024:
+            out.append(("max_body", f"max_body must be at least 1024 bytes, got {self.max_body}"))
+        if not self.registry_url and not self.static_services:
+            out.append(("registry_url", "a router needs registry_url or static_services (or both)"))
+        return out
