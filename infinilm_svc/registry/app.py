@@ -1,0 +1,324 @@
+"""The registry role: the upstream HTTP API over a ServiceTable, plus watch, auth, state and metrics."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+
+from ..config import RegistryConfig
+from ..errors import ApiError, error_middleware, read_json_object
+from .metrics import make_metrics, render
+from .store import StateWriter, load_state
+from .table import ServiceTable, format_url, rfc3339
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", RegistryConfig)
+TABLE = web.AppKey("table", ServiceTable)
+STARTED = web.AppKey("started", float)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", CollectorRegistry)
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+_WAIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
+
+
+# -- input checking ----------------------------------------------------------------------------
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, "field 'name' must be a non-empty string", code="invalid_field")
+    if "/" in name:
+        raise ApiError(400, f"field 'name' must not contain '/': {name!r}", code="invalid_field")
+    if len(name) > 253:
+        raise ApiError(400, "field 'name' is longer than 253 characters", code="invalid_field")
+    return name
+
+
+def _check_fields(body: dict, *, partial: bool) -> dict:
+    """Validate register (partial=False) or PUT (partial=True) fields; raise 400 naming the field."""
+    out: dict[str, Any] = {}
+    if not partial:
+        for req in ("name", "host", "port"):
+            if req not in body:
+                raise ApiError(400, f"missing required field: {req}", code="missing_field")
+        out["name"] = _check_name(body["name"])
+    for key in ("host", "hostname", "url", "status"):
+        if key in body:
+            if not isinstance(body[key], str):
+                raise ApiError(400, f"field '{key}' must be a string", code="invalid_field")
+            out[key] = body[key]
+    if "port" in body:
+        port = body["port"]
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise ApiError(400, "field 'port' must be an integer", code="invalid_field")
+        if not 1 <= port <= 65535:
+            raise ApiError(400, f"field 'port' must be between 1 and 65535, got {port}", code="invalid_field")
+        out["port"] = port
+    if "metadata" in body and body["metadata"] is not None:
+        if not isinstance(body["metadata"], dict):
+            raise ApiError(400, "field 'metadata' must be an object", code="invalid_field")
+        out["metadata"] = body["metadata"]
+    if "status" in out and not out["status"].strip():
+        raise ApiError(400, "field 'status' must not be empty", code="invalid_field")
+    return out
+
+
+def _resolve_host(fields: dict, request: web.Request, current: dict | None = None) -> None:
+    """A wildcard or empty host means "the address this registration came from"."""
+    if "host" not in fields:
+        return
+    if fields["host"].strip() in WILDCARD_HOSTS:
+        peer = request.remote or "127.0.0.1"
+        if fields.get("hostname", "").strip() in WILDCARD_HOSTS:
+            fields["hostname"] = peer
+        fields["host"] = peer
+        port = fields.get("port", current["port"] if current else None)
+        if port is not None:
+            fields["url"] = format_url(peer, port)
+
+
+def _require_token(request: web.Request) -> None:
+    token = request.app[CONFIG].token
+    if token is None:
+        return
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    if not given or not hmac.compare_digest(given.encode(), token.encode()):
+        raise ApiError(401, "this registry needs 'Authorization: Bearer <token>' for writes",
+                       code="invalid_token", headers={"WWW-Authenticate": 'Bearer realm="infinilm-registry"'})
+
+
+def _parse_wait(raw: str, cap: float) -> float:
+    m = _WAIT.match(raw)
+    if not m:
+        raise ApiError(400, f"invalid wait {raw!r}: use e.g. 30s, 500ms or 2m", code="invalid_query")
+    value = float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+    return min(value, cap)
+
+
+def _json(data: Any, status: int = 200, index: int | None = None) -> web.Response:
+    headers = {"X-Registry-Index": str(index)} if index is not None else None
+    return web.json_response(data, status=status, headers=headers)
+
+
+# -- handlers ----------------------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    table = request.app[TABLE]
+    return _json({
+        "status": "healthy",
+        "registry": "running",
+        "registered_services": len(table.records),
+        "healthy_services": len(table.select(healthy=True)),
+        "index": table.index,
+        "timestamp": rfc3339(),
+    }, index=table.index)
+
+
+async def list_services(request: web.Request) -> web.Response:
+    table = request.app[TABLE]
+    cfg = request.app[CONFIG]
+    q = request.query
+    if "index" in q:
+        try:
+            index = int(q["index"])
+        except ValueError:
+            raise ApiError(400, f"invalid index {q['index']!r}: expected an integer", code="invalid_query") from None
+        wait = _parse_wait(q["wait"], cfg.max_wait) if "wait" in q else min(30.0, cfg.max_wait)
+        await table.wait_change(index, wait)
+    healthy = None
+    if "healthy" in q:
+        healthy = q["healthy"].lower() == "true"
+    services = table.select(status=q.get("status"), healthy=healthy)
+    return _json({"services": services, "total": len(services), "index": table.index,
+                  "timestamp": rfc3339()}, index=table.index)
+
+
+async def register_service(request: web.Request) -> web.Response:
+    _require_token(request)
+    fields = _check_fields(await read_json_object(request), partial=False)
+    _resolve_host(fields, request)
+    rec = request.app[TABLE].register(fields)
+    log.info("registered %s at %s (%s)", rec["name"], rec["url"], rec["metadata"].get("type", "?"))
+    table = request.app[TABLE]
+    return _json({"message": f"Service '{rec['name']}' registered successfully",
+                  "service": table.view(rec, table.clock())}, status=201, index=table.index)
+
+
+def _lookup(request: web.Request) -> tuple[str, dict]:
+    name = request.match_info["name"]
+    rec = request.app[TABLE].records.get(name)
+    if rec is None:
+        raise ApiError(404, f"Service '{name}' not found", code="service_not_found")
+    return name, rec
+
+
+async def get_service(request: web.Request) -> web.Response:
+    _, rec = _lookup(request)
+    table = request.app[TABLE]
+    return _json(table.view(rec, table.clock()), index=table.index)
+
+
+async def update_service(request: web.Request) -> web.Response:
+    _require_token(request)
+    name, current = _lookup(request)
+    fields = _check_fields(await read_json_object(request), partial=True)
+    _resolve_host(fields, request, current)
+    table = request.app[TABLE]
+    rec = table.update(name, fields)
+    return _json({"message": f"Service '{name}' updated successfully",
+                  "service": table.view(rec, table.clock())}, index=table.index)
+
+
+async def delete_service(request: web.Request) -> web.Response:
+    _require_token(request)
+    name, _ = _lookup(request)
+    table = request.app[TABLE]
+    table.deregister(name)
+    log.info("deregistered %s", name)
+    return _json({"message": f"Service '{name}' unregistered successfully"}, index=table.index)
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    _require_token(request)
+    name, _ = _lookup(request)
+    status = metadata = None
+    if request.can_read_body:
+        raw = await request.read()
+        if raw.strip():
+            body = await read_json_object(request)
+            if "status" in body:
+                if not isinstance(body["status"], str) or not body["status"].strip():
+                    raise ApiError(400, "field 'status' must be a non-empty string", code="invalid_field")
+                status = body["status"]
+            if "metadata" in body and body["metadata"] is not None:
+                if not isinstance(body["metadata"], dict):
+                    raise ApiError(400, "field 'metadata' must be an object", code="invalid_field")
+                metadata = body["metadata"]
+    table = request.app[TABLE]
+    table.heartbeat(name, status, metadata)
+    return _json({"message": "Heartbeat received", "timestamp": rfc3339()}, index=table.index)
+
+
+def _check_url(rec: dict) -> str:
+    md = rec.get("metadata") or {}
+    if isinstance(md, dict) and md.get("type") == "openai-api":
+        return format_url(rec["host"], rec["port"] + 1)
+    return rec["url"]
+
+
+async def _probe(session: aiohttp.ClientSession, rec: dict, timeout: float) -> bool:
+    try:
+        async with session.get(_check_url(rec) + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return 200 <= resp.status < 300
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return False
+
+
+async def service_health(request: web.Request) -> web.Response:
+    name, rec = _lookup(request)
+    app = request.app
+    ok = await _probe(app[SESSION], rec, app[CONFIG].probe_timeout)
+    rec = app[TABLE].records.get(name, rec)
+    rec["health_status"] = "healthy" if ok else "unhealthy"
+    if ok and name in app[TABLE].records:
+        app[TABLE].heartbeat(name)  # upstream: a successful live probe counts as a heartbeat
+    table = app[TABLE]
+    return _json({"service": name, "health_status": rec["health_status"],
+                  "is_healthy": table.is_healthy(rec, table.clock()),
+                  "last_heartbeat": rec["last_heartbeat"], "timestamp": rfc3339()})
+
+
+async def stats(request: web.Request) -> web.Response:
+    table = request.app[TABLE]
+    services = table.select()
+    healthy = sum(1 for s in services if s["is_healthy"])
+    return _json({
+        "total_services": len(services),
+        "healthy_services": healthy,
+        "unhealthy_services": len(services) - healthy,
+        "status_distribution": dict(Counter(s["status"] for s in services)),
+        "host_distribution": dict(Counter(s["host"] for s in services)),
+        "uptime": round(time.time() - request.app[STARTED], 3),
+        "index": table.index,
+        **{k: v for k, v in table.counters.items()},
+        "timestamp": rfc3339(),
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = render(request.app[METRICS])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- background work ---------------------------------------------------------------------------
+async def _sweep_loop(app: web.Application) -> None:
+    table, cfg = app[TABLE], app[CONFIG]
+    while True:
+        await asyncio.sleep(cfg.sweep_interval)
+        for name in table.sweep():
+            log.warning("expired %s: no heartbeat for %.0f s", name, cfg.expire_after)
+
+
+async def _probe_loop(app: web.Application) -> None:
+    table, cfg, session = app[TABLE], app[CONFIG], app[SESSION]
+    limit = asyncio.Semaphore(64)
+
+    async def one(rec: dict) -> None:
+        async with limit:
+            ok = await _probe(session, rec, cfg.probe_timeout)
+        rec["health_status"] = "healthy" if ok else "unhealthy"
+
+    while True:
+        await asyncio.sleep(cfg.probe_interval)
+        await asyncio.gather(*(one(r) for r in list(table.records.values())), return_exceptions=True)
+
+
+async def _background(app: web.Application):
+    cfg = app[CONFIG]
+    app[SESSION] = aiohttp.ClientSession()
+    writer = None
+    if cfg.state_file:
+        load_state(cfg.state_file, app[TABLE])
+        writer = StateWriter(cfg.state_file, app[TABLE])
+    tasks = [asyncio.create_task(_sweep_loop(app), name="registry-sweep")]
+    if cfg.probe_interval > 0:
+        tasks.append(asyncio.create_task(_probe_loop(app), name="registry-probe"))
+    if writer is not None:
+        tasks.append(asyncio.create_task(writer.run(), name="registry-state"))
+    yield
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if writer is not None:
+        writer.flush()
+    await app[SESSION].close()
+
+
+def create_app(config: RegistryConfig) -> web.Application:
+    """The registry app: upstream endpoints plus watch, token, state file and /metrics."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body)
+    app[CONFIG] = config
+    app[TABLE] = ServiceTable(config.heartbeat_ttl, config.expire_after)
+    app[STARTED] = time.time()
+    app[METRICS] = make_metrics(app[TABLE])
+    app.cleanup_ctx.append(_background)
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/services", list_services)
+    r.add_post("/services", register_service)
+    r.add_get("/services/{name}", get_service)
+    r.add_put("/services/{name}", update_service)
+    r.add_delete("/services/{name}", delete_service)
+    r.add_post("/services/{name}/heartbeat", heartbeat)
+    r.add_get("/services/{name}/health", service_health)
+    r.add_get("/stats", stats)
+    r.add_get("/metrics", metrics)
+    return app
