@@ -1,0 +1,129 @@
+"""Config loading: upstream babysitter files load unchanged; every mistake is reported with its line."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infinilm_svc.config import ConfigError, apply_overrides, load_config_files
+
+FIX = Path(__file__).parent / "fixtures"
+UP = FIX / "upstream"
+
+
+def problems_of(tmp_path, text: str, name: str = "c.toml") -> list[str]:
+    p = tmp_path / name
+    p.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config_files([p])
+    return [str(pr) for pr in exc.value.problems]
+
+
+def test_upstream_command_babysitter_file_loads_unchanged():
+    node = load_config_files([UP / "command-mock.toml"])
+    (b,) = node.babysitters
+    assert (b.service_name, b.server_name, b.host, b.port, b.api_port) == (
+        "babysitter-a", "babysitter-a-server", "0.0.0.0", 8100, 8101)
+    assert b.registry_url == "http://localhost:18000" and b.router_url == "http://localhost:8000"
+    assert (b.babysitter.max_restarts, b.babysitter.restart_delay, b.babysitter.heartbeat_interval) == (10000, 5.0, 30.0)
+    assert b.backend.type == "command" and b.backend.command == "python3"
+    assert b.backend.args == ("/srv/mock_service.py", "--name", "mock-service-a", "--port", "8100", "--models", "model-1")
+    assert b.backend.work_dir == "/srv"
+    assert node.registry is None and node.router is None
+
+
+def test_env_table_and_metadata_table_are_kept_and_args_are_not_resplit():
+    (b,) = load_config_files([UP / "inference-env-metadata.toml"]).babysitters
+    assert "/models/some model with spaces" in b.backend.args
+    assert dict(b.backend.env) == {"PATH": "/opt/conda/bin:/usr/bin:/bin", "PYTHONPATH": "/workspace/python",
+                                   "VISIBLE_DEVICES": "2"}
+    assert dict(b.metadata) == {"cache_type": "static", "static": True}
+
+
+def test_inline_env_and_default_name_follow_upstream():
+    (b,) = load_config_files([UP / "vllm-inline-env.toml"]).babysitters
+    assert b.service_name == "vllm-8300" and b.backend.model == "/models/llama"
+    assert dict(b.backend.env) == {"CUDA_VISIBLE_DEVICES": "0"}
+
+
+def test_mock_backend_type_and_defaults():
+    (b,) = load_config_files([UP / "mock-type.toml"]).babysitters
+    assert b.backend.models == ("model-a", "model-b", "model-c")
+    assert b.host == "localhost" and b.registry_url is None and b.babysitter.max_restarts == 10000
+
+
+def test_node_file_lists_babysitters_relative_to_itself(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.toml").write_text((UP / "mock-type.toml").read_text())
+    node_file = tmp_path / "node.toml"
+    node_file.write_text('babysitters = ["sub/b.toml"]\n[registry]\nport = 18001\n'
+                         '[router]\nport = 8001\nregistry_url = "http://127.0.0.1:18001"\npolicy = "session"\n')
+    node = load_config_files([node_file])
+    assert node.registry.port == 18001 and node.router.policy == "session"
+    assert [b.service_name for b in node.babysitters] == ["mock-one"]
+    assert node.babysitters[0].config_dir == str((tmp_path / "sub").resolve())
+
+
+def test_three_mistakes_are_all_reported_with_file_key_and_line():
+    with pytest.raises(ConfigError) as exc:
+        load_config_files([FIX / "node-three-mistakes.toml"])
+    msgs = sorted(str(p) for p in exc.value.problems)
+    assert len(msgs) == 3, msgs
+    f = str(FIX / "node-three-mistakes.toml")
+    assert any(m.startswith(f"{f}:3: registry.port: port must be between 1 and 65535") for m in msgs), msgs
+    assert any(m.startswith(f"{f}:4: registry.heartbeat_tll: unknown key") for m in msgs), msgs
+    assert any(m.startswith(f"{f}:8: router.retries: expected integer, got string") for m in msgs), msgs
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("port = 8100\n", "backend: required key is missing"),
+    ('port = "8100"\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "port: expected integer, got string"),
+    ('port = 8100\n[backend]\ntype = "rocket"\n', "unknown backend type 'rocket'"),
+    ('port = 8100\n[backend]\ntype = "command"\n', 'needs command = "program"'),
+    ('port = 8100\n[backend]\ntype = "mock"\n', 'needs models'),
+    ('port = 8100\nname = "a/b"\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "contain no '/'"),
+    ('port = 8100\nregistry_url = "localhost:18000"\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "http:// or https:// URL"),
+    ('port = 8100\n[babysitter]\nrestart_delay = -1\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "restart_delay must be >= 0"),
+    ('port = 8100\n[backend]\ntype = "mock"\nmodels = ["m"]\nargs = "x y"\n', "backend.args: expected array of strings"),
+    ('port = 8100\n[backend]\ntype = "mock"\nmodels = ["m"]\nenv = { A = 1 }\n', "backend.env.A: expected string"),
+    ("[registry\nport = 1\n", "invalid TOML"),
+    ("[router]\nport = 8000\n", "needs registry_url or static_services"),
+    ("nothing = 1\n", "declares no role"),
+    ('[registry]\nport = 18000\n[router]\nport = 18000\nregistry_url = "http://127.0.0.1:18000"\n', "also used by the registry"),
+])
+def test_each_mistake_gets_a_clear_message(tmp_path, text, expected):
+    msgs = problems_of(tmp_path, text)
+    assert any(expected in m for m in msgs), msgs
+    assert all(m.startswith(str(tmp_path / "c.toml")) or m.startswith("[") for m in msgs), msgs
+
+
+def test_missing_file_is_a_problem_not_a_crash(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_config_files([tmp_path / "nope.toml"])
+    assert "cannot read file" in str(exc.value)
+
+
+def test_problems_from_several_files_are_reported_together(tmp_path):
+    a = tmp_path / "a.toml"
+    a.write_text("[registry]\nport = 0\n")
+    b = tmp_path / "b.toml"
+    b.write_text('port = 8100\n[backend]\ntype = "mock"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config_files([a, b])
+    files = {p.file for p in exc.value.problems}
+    assert files == {str(a), str(b)}
+
+
+def test_overrides_apply_to_babysitters_router_and_bind():
+    node = load_config_files([UP / "command-mock.toml"])
+    node = apply_overrides(node, host="127.0.0.9", registry_url="http://127.0.0.2:18000", bind="127.0.0.9",
+                           name="other", port=9100)
+    (b,) = node.babysitters
+    assert (b.host, b.registry_url, b.bind, b.service_name, b.port) == (
+        "127.0.0.9", "http://127.0.0.2:18000", "127.0.0.9", "other", 9100)
+
+
+def test_name_override_needs_exactly_one_babysitter(tmp_path):
+    node = load_config_files([UP / "command-mock.toml", UP / "mock-type.toml"])
+    with pytest.raises(ConfigError, match="exactly one babysitter"):
+        apply_overrides(node, name="x")
