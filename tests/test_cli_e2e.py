@@ -1,0 +1,90 @@
+"""The built pyz as a user runs it: the registry from a TOML file, check-config, exit codes, signals."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PYZ, free_port, http_get_json, http_json, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def run_pyz(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PYZ), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_version_and_help(pyz_path):
+    out = run_pyz("--version")
+    assert out.returncode == 0 and out.stdout.startswith("infinilm-svc ")
+    out = run_pyz("--help")
+    assert out.returncode == 0 and "--config" in out.stdout
+
+
+def test_check_config_prints_all_three_mistakes_with_lines_and_exits_2(pyz_path, tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[registry]\nport = 70000\nheartbeat_tll = 10\n\n[router]\n'
+                   'registry_url = "http://127.0.0.1:18000"\npolicy = "fastest"\n')
+    out = run_pyz("check-config", str(cfg))
+    assert out.returncode == 2
+    lines = [line for line in out.stdout.splitlines() if line.startswith(str(cfg))]
+    assert len(lines) == 3, out.stdout
+    assert any(":2: registry.port:" in line for line in lines)
+    assert any(":3: registry.heartbeat_tll: unknown key" in line for line in lines)
+    assert any(":7: router.policy: unknown policy 'fastest'" in line for line in lines)
+    assert "3 problem(s) found" in out.stdout
+
+
+def test_check_config_accepts_a_good_file(pyz_path, tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text('[registry]\nbind = "127.0.0.1"\nport = 18000\n')
+    out = run_pyz("check-config", str(cfg))
+    assert out.returncode == 0 and "registry on 127.0.0.1:18000" in out.stdout
+
+
+def test_bad_config_exits_2_before_opening_any_socket(pyz_path, tmp_path):
+    port = free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nbogus = 1\n')
+    out = run_pyz("--config", str(cfg))
+    assert out.returncode == 2 and "bogus: unknown key" in out.stderr
+
+
+def test_unknown_command_and_no_config_are_usage_errors(pyz_path):
+    assert run_pyz("frobnicate").returncode == 2
+    assert run_pyz().returncode == 2
+
+
+def test_registry_from_the_pyz_serves_plain_http_and_stops_on_sigterm(procs, pyz_path, tmp_path):
+    port = free_port()
+    cfg = tmp_path / "registry.toml"
+    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nheartbeat_ttl = 1\nexpire_after = 2\n'
+                   f'sweep_interval = 0.1\nstate_file = "{tmp_path / "state.json"}"\n')
+    proc = procs.pyz("--config", str(cfg), name="registry")
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_get_json(base + "/health")[0] == 200, timeout=30, what="registry /health")
+    status, body = http_json("POST", base + "/services",
+                             {"name": "x-server", "host": "0.0.0.0", "port": 8100, "metadata": {"type": "openai-api"}})
+    assert status == 201 and body["service"]["host"] == "127.0.0.1"
+    status, body = http_get_json(base + "/services?healthy=true")
+    assert [s["name"] for s in body["services"]] == ["x-server"]
+    # Without heartbeats the record lapses, then expires.
+    wait_for(lambda: http_get_json(base + "/services/x-server")[0] == 404, timeout=10, what="expiry")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert "shutting down" in procs.output(proc)
+    assert (tmp_path / "state.json").exists()
+
+
+def test_a_taken_port_is_reported_and_exits_1(procs, pyz_path, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cfg = tmp_path / "registry.toml"
+        cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\n')
+        out = run_pyz("--config", str(cfg))
+    assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
