@@ -1,0 +1,265 @@
+"""The babysitter role: supervises one backend and serves its HTTP API on port P+1."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+
+import aiohttp
+from aiohttp import web
+
+from ..config.babysitter import BabysitterConfig
+from ..errors import ApiError, error_middleware
+from .logbook import LogBook, RotatingLogFile
+from .registration import Registration
+from .supervisor import RUNNING, STATES, Supervisor
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("babysitter_config", BabysitterConfig)
+LOGBOOK = web.AppKey("babysitter_logbook", LogBook)
+SUPERVISOR = web.AppKey("babysitter_supervisor", Supervisor)
+REGISTRATION = web.AppKey("babysitter_registration", Registration)
+STARTED = web.AppKey("babysitter_started", float)
+
+
+def log_path(config: BabysitterConfig) -> str:
+    """The backend's log file: log_file or <name>.log, in log_dir, relative to the config's directory."""
+    policy = config.babysitter
+    directory = policy.log_dir if os.path.isabs(policy.log_dir) else os.path.join(config.config_dir, policy.log_dir)
+    name = policy.log_file or f"{config.service_name}.log"
+    return name if os.path.isabs(name) else os.path.join(directory, name)
+
+
+async def _supervision(app: web.Application):
+    """cleanup_ctx: start the backend and the registration; on exit deregister and stop the child."""
+    config = app[CONFIG]
+    logbook = app[LOGBOOK]
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, force_close=True))
+    supervisor = app[SUPERVISOR]
+    supervisor.session = session
+    registration = app.get(REGISTRATION)
+    if registration is not None:
+        registration.client.session = session
+    supervisor.start()
+    if registration is not None:
+        registration.start()
+    try:
+        yield
+    finally:
+        if registration is not None:
+            await registration.close()
+        await supervisor.close()
+        await session.close()
+        logbook.close()
+
+
+async def _end_followers(app: web.Application) -> None:
+    app[LOGBOOK].close_followers()
+
+
+# --- handlers ----------------------------------------------------------------------------------
+
+def _health_body(request: web.Request) -> dict:
+    config, sup = request.app[CONFIG], request.app[SUPERVISOR]
+    running = sup.state == RUNNING
+    return {"status": "healthy" if running else "unhealthy", "service": config.service_name,
+            "babysitter": "enhanced", "infinilm_server_running": running,
+            "infinilm_server_port": config.port if running else None,
+            "timestamp": int(time.time()), "state": sup.state}
+
+
+async def health(request: web.Request) -> web.Response:
+    body = _health_body(request)
+    return web.json_response(body, status=200 if body["infinilm_server_running"] else 503)
+
+
+async def info(request: web.Request) -> web.Response:
+    config, sup = request.app[CONFIG], request.app[SUPERVISOR]
+    return web.json_response({
+        "name": config.service_name, "host": config.host, "port": config.api_port,
+        "url": f"http://{config.host}:{config.api_port}", "service_type": config.backend.type,
+        "infinilm_server_port": config.port if sup.state == RUNNING else None,
+        "uptime": round(time.time() - request.app[STARTED], 3), "restart_count": sup.restarts,
+        "state": sup.state, "backend": config.server_name, "metadata": dict(config.metadata),
+    })
+
+
+async def status(request: web.Request) -> web.Response:
+    body = request.app[SUPERVISOR].status()
+    reg = request.app.get(REGISTRATION)
+    body["registry"] = None if reg is None else {
+        "url": reg.client.url, "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error}
+    return web.json_response(body)
+
+
+async def models(request: web.Request) -> web.Response:
+    """The backend's own model list, fetched now; 503 when it does not answer."""
+    sup = request.app[SUPERVISOR]
+    for path in ("/v1/models", "/models"):
+        body = await sup._get_json(path)
+        if body is not None:
+            return web.json_response(body)
+    if sup.config.backend.health_path and sup.models_list and sup.state == RUNNING:
+        return web.json_response({"object": "list", "data": sup.models_list})
+    raise ApiError(503, f"backend is {sup.state} and does not answer its model list", "server_error",
+                   code="backend_unavailable")
+
+
+def _check_token(request: web.Request) -> None:
+    token = request.app[CONFIG].token
+    if not token:
+        return
+    got = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+        raise ApiError(401, "this babysitter needs Authorization: Bearer <token>", code="invalid_token",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _command(request: web.Request, what: str) -> web.Response:
+    _check_token(request)
+    sup = request.app[SUPERVISOR]
+    sup.logbook.marker(f"{what} requested over HTTP")
+    getattr(sup, f"request_{what}")()
+    await asyncio.sleep(0)  # let the supervisor take the request before answering
+    return web.json_response({"message": f"{what} requested", "name": sup.config.service_name,
+                              "state": sup.state}, status=202)
+
+
+async def restart(request: web.Request) -> web.Response:
+    return await _command(request, "restart")
+
+
+async def stop(request: web.Request) -> web.Response:
+    return await _command(request, "stop")
+
+
+async def start(request: web.Request) -> web.Response:
+    return await _command(request, "start")
+
+
+def _int_param(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer, got {raw!r}", code="invalid_parameter") from None
+    if value < 0:
+        raise ApiError(400, f"{name} must be >= 0, got {value}", code="invalid_parameter")
+    return value
+
+
+async def logs(request: web.Request) -> web.StreamResponse:
+    book = request.app[LOGBOOK]
+    follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
+    if not follow:
+        tail = _int_param(request, "tail", 100)
+        return web.json_response({"name": book.name, "lines": [e.as_dict() for e in book.tail(tail)]})
+    tail = _int_param(request, "tail", 0)
+    lines, queue = book.follow(tail)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    try:
+        await resp.prepare(request)
+        for e in lines:
+            await resp.write(b"data: " + json.dumps(e.as_dict()).encode() + b"\n\n")
+        while True:
+            try:
+                e = await asyncio.wait_for(queue.get(), 15.0)
+            except asyncio.TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            if e is None:
+                break
+            chunk = [b"data: " + json.dumps(e.as_dict()).encode() + b"\n\n"]
+            while not queue.empty():  # send what piled up in one write
+                e = queue.get_nowait()
+                if e is None:
+                    break
+                chunk.append(b"data: " + json.dumps(e.as_dict()).encode() + b"\n\n")
+            await resp.write(b"".join(chunk))
+            if e is None:
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        book.unfollow(queue)
+    return resp
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format, written by hand: a handful of gauges, no global registry."""
+    config, sup = request.app[CONFIG], request.app[SUPERVISOR]
+    name = config.service_name.replace("\\", "\\\\").replace('"', '\\"')
+    lab = f'name="{name}"'
+    out = [
+        "# HELP infinilm_babysitter_backend_up 1 while the backend is running (ready and answering).",
+        "# TYPE infinilm_babysitter_backend_up gauge",
+        f"infinilm_babysitter_backend_up{{{lab}}} {1 if sup.state == RUNNING else 0}",
+        "# HELP infinilm_babysitter_backend_state The backend's state (1 for the current one).",
+        "# TYPE infinilm_babysitter_backend_state gauge",
+    ]
+    out += [f'infinilm_babysitter_backend_state{{{lab},state="{s}"}} {1 if sup.state == s else 0}' for s in STATES]
+    out += [
+        "# HELP infinilm_babysitter_restarts_total Backend restarts since the babysitter started.",
+        "# TYPE infinilm_babysitter_restarts_total counter",
+        f"infinilm_babysitter_restarts_total{{{lab}}} {sup.restarts}",
+        "# HELP infinilm_babysitter_backend_uptime_seconds Seconds since the backend became ready.",
+        "# TYPE infinilm_babysitter_backend_uptime_seconds gauge",
+        f"infinilm_babysitter_backend_uptime_seconds{{{lab}}} {sup.status()['uptime']}",
+        "# HELP infinilm_babysitter_log_lines Lines in the in-memory log ring.",
+        "# TYPE infinilm_babysitter_log_lines gauge",
+        f"infinilm_babysitter_log_lines{{{lab}}} {len(request.app[LOGBOOK].ring)}",
+    ]
+    reg = request.app.get(REGISTRATION)
+    if reg is not None:
+        out += [
+            "# HELP infinilm_babysitter_registered 1 while both records are registered.",
+            "# TYPE infinilm_babysitter_registered gauge",
+            f"infinilm_babysitter_registered{{{lab}}} {1 if reg.registered else 0}",
+            "# HELP infinilm_babysitter_heartbeats_total Heartbeat rounds that reached the registry.",
+            "# TYPE infinilm_babysitter_heartbeats_total counter",
+            f"infinilm_babysitter_heartbeats_total{{{lab}}} {reg.heartbeats}",
+        ]
+    return web.Response(text="\n".join(out) + "\n", content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
+
+
+def create_app(config: BabysitterConfig) -> web.Application:
+    """The babysitter's app; supervision runs in its cleanup_ctx (starts with the app, stops with it)."""
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[STARTED] = time.time()
+    policy = config.babysitter
+    try:
+        file = RotatingLogFile(log_path(config), policy.log_max_bytes, policy.log_backups)
+    except OSError as exc:
+        log.warning("%s: no log file (%s); keeping the in-memory log only", config.service_name, exc)
+        file = None
+    app[LOGBOOK] = logbook = LogBook(config.service_name, policy.log_ring_lines, file)
+    # The HTTP session is attached in cleanup_ctx; the objects exist from the start so handlers
+    # always find them.
+    supervisor = app[SUPERVISOR] = Supervisor(config, logbook, None)
+    supervisor.listeners.append(lambda state: log.info("%s: backend %s", config.service_name, state))
+    if config.registry_url:
+        registration = app[REGISTRATION] = Registration(config, supervisor, None)
+        supervisor.listeners.append(registration.poke)
+    app.cleanup_ctx.append(_supervision)
+    app.on_shutdown.append(_end_followers)
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/info", info)
+    r.add_get("/status", status)
+    r.add_get("/models", models)
+    r.add_get("/v1/models", models)
+    r.add_get("/logs", logs)
+    r.add_get("/metrics", metrics)
+    r.add_post("/restart", restart)
+    r.add_post("/stop", stop)
+    r.add_post("/start", start)
+    return app

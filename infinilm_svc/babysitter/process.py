@@ -1,0 +1,142 @@
+"""The backend child process: its command line, its own process group, its output and its stop."""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import time
+from dataclasses import dataclass
+
+from ..config.babysitter import BabysitterConfig
+from ..runtime import self_command
+from .logbook import LogBook
+
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to exec: argv, full environment and working directory."""
+
+    argv: tuple[str, ...]
+    env: dict
+    cwd: str | None
+
+
+def probe_host(config: BabysitterConfig) -> str:
+    """Where the babysitter reaches its own backend: loopback, or the bind address if specific."""
+    return "127.0.0.1" if config.bind in WILDCARDS else config.bind
+
+
+def launch_spec(config: BabysitterConfig) -> LaunchSpec:
+    """The backend's command line for each backend type (reference §3.2, with `args` never re-split)."""
+    b = config.backend
+    port = str(config.port)
+    listen = config.bind or "0.0.0.0"
+    args = list(b.args)
+    if b.type == "mock":
+        argv = self_command() + ["mock", "--name", config.service_name, "--port", port,
+                                 "--models", ",".join(b.models), "--host", listen, *b.mock_options, *args]
+    elif b.type == "command":
+        argv = shlex.split(b.command or "") + args
+    elif b.type == "vllm":
+        argv = ["python3", "-m", "vllm.entrypoints.openai.api_server", "--model", b.model or "",
+                "--port", port, "--host", listen, *args]
+    elif b.type == "infinilm-rust":
+        argv = ["xtask", "service", b.config_file or "", "-p", port, *args]
+    elif b.type == "infinilm":
+        argv = ["python3", "launch_server.py", "--port", port, "--host", listen, *args]
+    else:  # the config check rejects other types
+        raise ValueError(f"unknown backend type {b.type!r}")
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in b.env.items()})
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cwd = None
+    if b.work_dir:
+        cwd = b.work_dir if os.path.isabs(b.work_dir) else os.path.join(config.config_dir, b.work_dir)
+    return LaunchSpec(tuple(argv), env, cwd)
+
+
+def signal_number(name: str) -> int:
+    """`TERM`/`SIGTERM` -> signal.SIGTERM."""
+    return int(getattr(signal, "SIG" + name.upper().removeprefix("SIG")))
+
+
+class BackendProcess:
+    """One running child in its own process group, its output pumped into the log book."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, logbook: LogBook) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.started_at = time.time()
+        self.logbook = logbook
+        self._pumps = [asyncio.create_task(self._pump(proc.stdout, "stdout")),
+                       asyncio.create_task(self._pump(proc.stderr, "stderr"))]
+        self.exited = asyncio.create_task(self._wait())
+
+    @classmethod
+    async def spawn(cls, spec: LaunchSpec, logbook: LogBook) -> "BackendProcess":
+        """Start the child (raises OSError if it cannot be executed)."""
+        proc = await asyncio.create_subprocess_exec(
+            *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=spec.env, cwd=spec.cwd, start_new_session=True)
+        return cls(proc, logbook)
+
+    async def _wait(self) -> int:
+        code = await self.proc.wait()
+        # Whatever the child left behind in its group goes with it: no orphans holding the port.
+        self._signal_group(signal.SIGKILL)
+        return code
+
+    async def _pump(self, reader: asyncio.StreamReader | None, stream: str) -> None:
+        if reader is None:
+            return
+        pending = b""
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                pending += chunk
+                if b"\n" not in pending:
+                    if len(pending) > 65536:  # an endless line is cut, not buffered forever
+                        self.logbook.add_lines(stream, [pending.decode("utf-8", "replace")])
+                        pending = b""
+                    continue
+                *lines, pending = pending.split(b"\n")
+                self.logbook.add_lines(stream, [ln.decode("utf-8", "replace").rstrip("\r") for ln in lines])
+        except (OSError, asyncio.CancelledError):
+            pass
+        if pending:
+            self.logbook.add_lines(stream, [pending.decode("utf-8", "replace").rstrip("\r")])
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def _signal_group(self, sig: int) -> bool:
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    async def stop(self, sig: int, timeout: float) -> int:
+        """Send `sig` to the whole group, wait up to `timeout`, then KILL the group; the exit code."""
+        if self.proc.returncode is None:
+            self._signal_group(sig)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+            except asyncio.TimeoutError:
+                self.logbook.marker(f"backend did not stop within {timeout:g} s; killing it")
+                self._signal_group(signal.SIGKILL)
+        code = await self.exited
+        await self.drain()
+        return code
+
+    async def drain(self, timeout: float = 1.0) -> None:
+        """Let the output pumps finish (the pipes close when the group is gone)."""
+        _, pending = await asyncio.wait(self._pumps, timeout=timeout)
+        for t in pending:
+            t.cancel()

@@ -1,0 +1,260 @@
+"""A fast OpenAI-compatible stand-in for an inference server, whose answers name who served them."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import random
+import struct
+import sys
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import ApiError, error_response, read_json_object
+from .options import MockOptions
+
+OPTIONS = web.AppKey("mock_options", MockOptions)
+
+_FILLER = ("and", "so", "on", "more", "words", "to", "stream")
+
+
+class MockState:
+    """Per-app counters and the precomputed bits every request reuses."""
+
+    def __init__(self, options: MockOptions) -> None:
+        self.options = options
+        self.models = set(options.models)
+        self.requests = 0
+        self.hung = asyncio.Event()  # never set: hung requests wait on it forever
+        created = int(time.time())
+        self.model_list = [{"id": m, "object": "model", "created": created, "owned_by": options.name}
+                           for m in options.models]
+        self.models_body = json.dumps({"object": "list", "data": self.model_list})
+        self.health_body = json.dumps({"status": "healthy", "service": options.name,
+                                       "models": list(options.models)})
+        self._pieces: dict[str, list[str]] = {}
+
+    def pieces(self, model: str) -> list[str]:
+        """The answer for `model`, cut into the chunks a stream sends (cached per model)."""
+        out = self._pieces.get(model)
+        if out is None:
+            words = f"Hello from {self.options.name} (model: {model})".split(" ")
+            n = self.options.chunks or len(words)
+            while len(words) < n:
+                words.append(_FILLER[len(words) % len(_FILLER)])
+            # n groups of consecutive words; every group but the first starts with a space.
+            size, extra = divmod(len(words), n)
+            out, i = [], 0
+            for k in range(n):
+                take = size + (1 if k < extra else 0)
+                out.append(" ".join(words[i:i + take]))
+                i += take
+            out = [p if k == 0 else " " + p for k, p in enumerate(out)]
+            self._pieces[model] = out
+        return out
+
+
+STATE = web.AppKey("mock_state", MockState)
+
+
+def _log_line(request: web.Request, status: int) -> None:
+    rid = request.headers.get("X-Request-ID", "-")
+    model = request.get("model", "-")
+    stream = "true" if request.get("stream") else "false"
+    sys.stdout.write(f"request id={rid} method={request.method} path={request.path} "
+                     f"model={model} stream={stream} status={status}\n")
+    sys.stdout.flush()
+
+
+@web.middleware
+async def mock_middleware(request: web.Request, handler):
+    """Counts requests (for --crash-after/--hang-after), answers errors, logs one line each."""
+    state = request.app[STATE]
+    opts = state.options
+    state.requests += 1
+    if opts.crash_after is not None and state.requests > opts.crash_after:
+        sys.stdout.write(f"mock {opts.name}: crashing after {opts.crash_after} requests\n")
+        sys.stdout.flush()
+        os._exit(3)
+    if opts.hang_after is not None and state.requests > opts.hang_after:
+        if state.requests == opts.hang_after + 1:
+            sys.stdout.write(f"mock {opts.name}: hanging after {opts.hang_after} requests\n")
+            sys.stdout.flush()
+        await state.hung.wait()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except ApiError as exc:
+        status = exc.status
+        return exc.response()
+    except web.HTTPException as exc:
+        status = exc.status
+        if status < 400:
+            raise
+        msg = "no such endpoint" if status == 404 else (exc.reason or "error")
+        return error_response(status, msg)
+    finally:
+        _log_line(request, status)
+
+
+async def _request_body(request: web.Request) -> tuple[dict, str]:
+    """The JSON body and its known model; 400 for bad JSON or no model, 404 for an unknown one."""
+    body = await read_json_object(request)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "missing required field: model (a string)", code="missing_field")
+    request["model"] = model
+    request["stream"] = bool(body.get("stream"))
+    state = request.app[STATE]
+    if model not in state.models:
+        raise ApiError(404, f"The model '{model}' does not exist on {state.options.name}",
+                       code="model_not_found")
+    if state.options.fail_rate > 0 and random.random() < state.options.fail_rate:
+        raise ApiError(500, f"injected failure on {state.options.name}", "server_error", code="injected_failure")
+    return body, model
+
+
+def _count_words(value: Any) -> int:
+    if isinstance(value, str):
+        return max(1, len(value.split()))
+    if isinstance(value, list):
+        return sum(_count_words(v) for v in value)
+    if isinstance(value, dict):
+        return _count_words(value.get("content", "")) if "content" in value else 1
+    return 1
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens: int,
+                    include_usage: bool) -> web.StreamResponse:
+    state = request.app[STATE]
+    opts = state.options
+    pieces = state.pieces(model)
+    created = int(time.time())
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    if not request["stream"]:
+        delay = opts.latency + opts.chunk_interval * max(0, len(pieces) - 1)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        text = "".join(pieces)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            obj = "text_completion"
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+                "usage": _usage(prompt_tokens, len(pieces))}
+        return web.Response(text=json.dumps(body), content_type="application/json")
+
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    if opts.latency > 0:
+        await asyncio.sleep(opts.latency)
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    head = {"id": rid, "object": obj, "created": created, "model": model}
+
+    def event(choice: dict, **extra: Any) -> bytes:
+        return b"data: " + json.dumps({**head, "choices": [choice], **extra}).encode() + b"\n\n"
+
+    if chat:
+        await resp.write(event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
+    for k, piece in enumerate(pieces):
+        if k and opts.chunk_interval > 0:
+            await asyncio.sleep(opts.chunk_interval)
+        if chat:
+            await resp.write(event({"index": 0, "delta": {"content": piece}, "finish_reason": None}))
+        else:
+            await resp.write(event({"index": 0, "text": piece, "logprobs": None, "finish_reason": None}))
+    final = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
+        {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+    usage = _usage(prompt_tokens, len(pieces))
+    await resp.write(event(final, usage=usage))
+    if include_usage:
+        await resp.write(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body, model = await _request_body(request)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "missing required field: messages (a non-empty array)", code="missing_field")
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
+        if isinstance(body.get("stream_options"), dict) else False
+    return await _generate(request, model, True, _count_words(messages), include_usage)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body, model = await _request_body(request)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, (str, list)):
+        raise ApiError(400, "missing required field: prompt (a string or an array)", code="missing_field")
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
+        if isinstance(body.get("stream_options"), dict) else False
+    return await _generate(request, model, False, _count_words(prompt), include_usage)
+
+
+def _embedding(text: str, dim: int) -> list[float]:
+    """A deterministic unit vector derived from the text."""
+    raw = b""
+    seed = text.encode()
+    i = 0
+    while len(raw) < dim * 4:
+        raw += hashlib.sha256(seed + i.to_bytes(4, "little")).digest()
+        i += 1
+    ints = struct.unpack(f"<{dim}I", raw[:dim * 4])
+    vec = [v / 4294967295.0 * 2.0 - 1.0 for v in ints]
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [round(v / norm, 6) for v in vec]
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    body, model = await _request_body(request)
+    inp = body.get("input")
+    if isinstance(inp, str):
+        items = [inp]
+    elif isinstance(inp, list) and inp:
+        items = [x if isinstance(x, str) else json.dumps(x) for x in inp]
+    else:
+        raise ApiError(400, "missing required field: input (a string or a non-empty array)", code="missing_field")
+    dim = request.app[OPTIONS].embedding_dim
+    data = [{"object": "embedding", "index": i, "embedding": _embedding(t, dim)} for i, t in enumerate(items)]
+    tokens = _count_words(items)
+    return web.json_response({"object": "list", "data": data, "model": model,
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[STATE].models_body, content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[STATE].health_body, content_type="application/json")
+
+
+def create_app(options: MockOptions) -> web.Application:
+    """The mock's aiohttp app (no access log: the middleware writes the one line per request)."""
+    app = web.Application(middlewares=[mock_middleware], client_max_size=16 << 20)
+    app[OPTIONS] = options
+    app[STATE] = MockState(options)
+    r = app.router
+    for prefix in ("/v1", ""):
+        r.add_get(f"{prefix}/models", list_models)
+        r.add_post(f"{prefix}/chat/completions", chat_completions)
+        r.add_post(f"{prefix}/completions", completions)
+        r.add_post(f"{prefix}/embeddings", embeddings)
+    r.add_get("/health", health)
+    return app
