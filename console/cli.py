@@ -1,0 +1,81 @@
+"""`infinilm-svc console`: parse options, then run the TUI or print the tables once (--once)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+DEFAULT_REGISTRY = "http://127.0.0.1:18000"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infinilm-svc console",
+                                description="The ops console: live services, models, logs and actions.")
+    p.add_argument("--registry", default=os.environ.get("INFINILM_REGISTRY_URL", DEFAULT_REGISTRY),
+                   help=f"registry URL (default $INFINILM_REGISTRY_URL or {DEFAULT_REGISTRY})")
+    p.add_argument("--once", action="store_true", help="print the services and models tables and exit")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--token", default=os.environ.get("INFINILM_TOKEN"),
+                   help="bearer token for babysitter actions (default $INFINILM_TOKEN)")
+    return p
+
+
+async def _poll_once(registry: str):
+    import aiohttp
+
+    from .data import Poller
+
+    async with aiohttp.ClientSession() as session:
+        return await Poller(session, registry).poll()
+
+
+def print_once(registry: str, out=None) -> int:
+    """Print services and models as rich tables; 0 if the registry answered, 1 if not."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from infinilm_svc.client.registry import RegistryUnavailable
+
+    from .cells import MODEL_COLUMNS, PLAIN_COLOURS, SERVICE_COLUMNS, model_cells, service_cells
+
+    console = Console(file=out or sys.stdout)
+    try:
+        snap = asyncio.run(_poll_once(registry))
+    except RegistryUnavailable as exc:
+        Console(file=sys.stderr).print(f"[bold red]registry {registry} is unreachable:[/] {exc}", markup=True,
+                                       highlight=False)
+        return 1
+    colour = PLAIN_COLOURS.get
+    services = Table(title=f"services @ {registry} ({len(snap.services)})", title_justify="left")
+    for _, label in SERVICE_COLUMNS:
+        services.add_column(label, no_wrap=True)
+    for row in snap.services:
+        cells = service_cells(row, colour)
+        services.add_row(*(cells[k] for k, _ in SERVICE_COLUMNS))
+    models = Table(title=f"models ({len(snap.models)})", title_justify="left")
+    for _, label in MODEL_COLUMNS:
+        models.add_column(label, no_wrap=True)
+    for m in snap.models:
+        cells = model_cells(m, colour)
+        models.add_row(*(cells[k] for k, _ in MODEL_COLUMNS))
+    console.print(services)
+    console.print(models)
+    for err in snap.router_errors:
+        console.print(f"[yellow]router statistics unavailable:[/] {err}", highlight=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.interval <= 0:
+        print("infinilm-svc console: --interval must be > 0", file=sys.stderr)
+        return 2
+    if args.once:
+        return print_once(args.registry)
+    from .app import ConsoleApp
+    from .data import HttpSource
+
+    app = ConsoleApp(HttpSource(args.registry, token=args.token), interval=args.interval)
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,39 @@
+"""The models view: each model, the backends serving it, how many are healthy, its request rate."""
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from .cells import MODEL_COLUMNS, model_cells
+from .data import Snapshot
+from .status import StatusBar
+from .table import KeyedTable
+
+
+class ModelsScreen(Screen):
+    """Models and where they run."""
+
+    BINDINGS = [Binding("escape,m", "app.pop_screen", "Back")]
+
+    def __init__(self) -> None:
+        super().__init__(id="models-screen")
+
+    def compose(self) -> ComposeResult:
+        yield StatusBar(id="status")
+        yield KeyedTable(MODEL_COLUMNS, id="models")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(KeyedTable).focus()
+        self.watch(self.app, "snapshot", self.show, init=True)
+        self.watch(self.app, "stale", lambda stale: self.set_class(stale, "-stale"), init=True)
+
+    def show(self, snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            return
+        colour = self.app.colour  # type: ignore[attr-defined]
+        table = self.query_one(KeyedTable)
+        table.sync({m.name: model_cells(m, colour) for m in snapshot.models})
+        table.border_title = f"models [{len(snapshot.models)}]"

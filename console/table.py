@@ -1,0 +1,72 @@
+"""A DataTable updated in place by row key, so cursor and sort survive every refresh."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from textual.widgets import DataTable
+from textual.widgets.data_table import RowKey
+
+
+class KeyedTable(DataTable):
+    """Rows are added, updated and removed by key (never cleared and refilled)."""
+
+    def __init__(self, columns: list[tuple[str, str]], **kw: Any) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kw)
+        self.column_spec = columns
+        self._cells: dict[str, dict[str, Any]] = {}
+        self.sort_column: str | None = None
+        self.sort_reverse = False
+        self.sort_value: Callable[[str, str], Any] = lambda key, column: key
+
+    def on_mount(self) -> None:
+        for key, label in self.column_spec:
+            self.add_column(label, key=key)
+
+    @property
+    def cursor_key(self) -> str | None:
+        """The key of the row under the cursor."""
+        if not self.row_count:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:  # noqa: BLE001 - cursor outside the table
+            return None
+
+    def row_keys(self) -> list[str]:
+        """Keys in display order."""
+        return [r.key.value for r in self.ordered_rows if r.key.value is not None]
+
+    def sync(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Make the table show exactly `rows` (key -> cells by column key), touching only what changed."""
+        keep = self.cursor_key
+        for key in [k for k in self._cells if k not in rows]:
+            self.remove_row(RowKey(key))
+            del self._cells[key]
+        for key, cells in rows.items():
+            old = self._cells.get(key)
+            if old is None:
+                self.add_row(*(cells[c] for c, _ in self.column_spec), key=key)
+            else:
+                for c, _ in self.column_spec:
+                    if old.get(c) != cells[c]:
+                        self.update_cell(key, c, cells[c])
+            self._cells[key] = cells
+        if self.sort_column is not None:
+            self.apply_sort()
+        if keep is not None and keep in self._cells:
+            self.move_cursor(row=self.get_row_index(keep), animate=False)
+
+    def apply_sort(self) -> None:
+        if self.sort_column is None or not self.row_count:
+            return
+        col = self.sort_column
+        self.sort(self.column_spec[0][0],
+                  key=lambda first: self.sort_value(str(first), col), reverse=self.sort_reverse)
+
+    def sort_by(self, column: str | None, reverse: bool = False) -> None:
+        """Sort by a column (keeps the cursor on its row)."""
+        keep = self.cursor_key
+        self.sort_column, self.sort_reverse = column, reverse
+        self.apply_sort()
+        if keep is not None and keep in self._cells:
+            self.move_cursor(row=self.get_row_index(keep), animate=False)
