@@ -24,17 +24,19 @@ class RouterConfig:
     model_policies: Mapping[str, str] = field(default_factory=dict)  # per-model override
     api_keys: tuple[str, ...] = ()          # when set, clients need `Authorization: Bearer <key>`
     backend_api_key: str | None = None      # Authorization sent to backends (client's is never forwarded)
+    backend_api_keys: Mapping[str, str] = field(default_factory=dict)  # per backend name, overrides backend_api_key
     max_body: int = 32 * 1024 * 1024        # bytes; long prompts are big
     heartbeat_interval: float = 10.0
     watch_wait: float = 30.0                # blocking-query wait against the registry
     health_interval: float = 5.0
     health_timeout: float = 5.0
+    health_path: str = "/health"            # probed on each backend's own URL
     unhealthy_threshold: int = 3
     healthy_threshold: int = 2
     eject_after_failures: int = 1           # passive: consecutive failures that open the circuit
     eject_cooldown: float = 10.0            # open circuit duration before a half-open trial
     retries: int = 2                        # extra attempts, each on a different backend
-    retry_backoff: float = 0.05             # base of the jittered back-off between attempts
+    retry_backoff: float = 0.05             # base of the jittered back-off between attempts (s)
     retry_on_timeout: bool = False
     connect_timeout: float = 5.0
     read_timeout: float = 600.0             # idle time between bytes from a backend (no total timeout)
@@ -44,6 +46,11 @@ class RouterConfig:
     session_load_factor: float = 1.25       # bounded-load consistent hashing
     cache_min_match: int = 64               # cache_aware: shortest useful prefix match (chars)
     cache_balance_ratio: float = 1.5        # cache_aware: skip the match if its load is this much over the least
+    cache_balance_abs: int = 8              # ... and more than this many requests over the least
+    cache_block_chars: int = 64             # cache_aware: granularity of the approximate prefix tree
+    cache_max_chars: int = 65536            # cache_aware: prompt text beyond this is not indexed
+    cache_max_entries: int = 200000         # cache_aware: prefix blocks remembered per model (LRU)
+    session_header: str = "X-Session-ID"    # session policy key header (after prompt_cache_key)
     cache_type_threshold: int = 51200       # bytes of message text above which "static" pools are used
     access_log: bool = True
 
@@ -67,7 +74,13 @@ class RouterConfig:
         for name in ("unhealthy_threshold", "healthy_threshold", "eject_after_failures"):
             if getattr(self, name) < 1:
                 out.append((name, f"{name} must be >= 1, got {getattr(self, name)}"))
-        for name in ("retries", "max_in_flight", "queue_size", "cache_min_match", "cache_type_threshold"):
+        for name in ("cache_block_chars", "cache_max_chars", "cache_max_entries"):
+            if getattr(self, name) < 1:
+                out.append((name, f"{name} must be >= 1, got {getattr(self, name)}"))
+        if not self.health_path.startswith("/"):
+            out.append(("health_path", f"health_path must start with '/', got {self.health_path!r}"))
+        for name in ("retries", "max_in_flight", "queue_size", "cache_min_match", "cache_type_threshold",
+                     "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
         if self.session_load_factor < 1:

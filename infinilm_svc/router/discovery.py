@@ -1,0 +1,179 @@
+"""Discovery: the registry watch, the static services file, and the router's own registry record."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import aiohttp
+
+from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
+from ..config.router import RouterConfig
+from .health import Health
+from .table import Backend, Table
+
+log = logging.getLogger(__name__)
+
+
+def load_static_services(path: str) -> list[dict]:
+    """Read an upstream static services file: a list, {"services": [...]} or {"static_services": {...}}."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        if isinstance(data.get("static_services"), dict):
+            data = data["static_services"].get("services", [])
+        else:
+            data = data.get("services", [])
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of services")
+    out = []
+    for item in data:
+        if not isinstance(item, dict) or "name" not in item or "port" not in item:
+            raise ValueError(f"{path}: each service needs at least name and port: {item!r}")
+        meta = dict(item.get("metadata") or {})
+        if meta.get("type", "openai-api") != "openai-api":
+            continue
+        meta.setdefault("type", "openai-api")
+        meta["static"] = True
+        out.append({"name": item["name"], "host": item.get("host", "127.0.0.1"), "port": int(item["port"]),
+                    "weight": item.get("weight", 1), "metadata": meta, "status": "running", "is_healthy": True})
+    return out
+
+
+class Discovery:
+    """Keeps the table in step with the registry (blocking queries) and the static file."""
+
+    def __init__(self, config: RouterConfig, table: Table, health: Health) -> None:
+        self.config = config
+        self.table = table
+        self.health = health
+
+    def apply(self, records: list[dict], static: bool = False) -> None:
+        """Merge records into the table; registry backends not in `records` are removed."""
+        t = self.table
+        seen = set()
+        for rec in records:
+            meta = rec.get("metadata") or {}
+            if not isinstance(meta, dict) or meta.get("type") != "openai-api":
+                continue
+            name = str(rec.get("name"))
+            seen.add(name)
+            b = t.backends.get(name)
+            if b is None:
+                b = t.backends[name] = Backend(name)
+            self._update(b, rec, meta, static)
+        if not static:
+            for name in [n for n, b in t.backends.items() if not b.static and n not in seen]:
+                self.health.forget(t.backends.pop(name))
+                log.info("backend %s: removed (gone from the registry)", name)
+        t.rebuild()
+
+    def _update(self, b: Backend, rec: dict, meta: dict, static: bool) -> None:
+        host = str(rec.get("host") or "127.0.0.1")
+        port = int(rec.get("port") or 0)
+        b.host, b.port = host, port
+        b.url = (rec.get("url") or f"http://{host}:{port}").rstrip("/")
+        b.babysitter_url = str(meta.get("babysitter_url") or f"http://{host}:{port + 1}")
+        models = meta.get("models") or []
+        b.models = tuple(str(m) for m in models if isinstance(m, (str, int)))
+        ml = meta.get("models_list")
+        b.models_list = [m for m in ml if isinstance(m, dict)] if isinstance(ml, list) else []
+        if not b.models and b.models_list:
+            b.models = tuple(str(m["id"]) for m in b.models_list if "id" in m)
+        b.metadata = meta
+        try:
+            b.weight = max(1, int(meta.get("weight", rec.get("weight", 1)) or 1))
+        except (TypeError, ValueError):
+            b.weight = 1
+        ct = meta.get("cache_type")
+        b.cache_type = ct if ct in ("static", "paged") else None
+        b.static = static
+        b.state = str(rec.get("status", "running"))
+        healthy = rec.get("is_healthy")
+        b.registry_healthy = bool(healthy) if healthy is not None else b.state == "running"
+        key = self.config.backend_api_keys.get(b.name, self.config.backend_api_key)
+        b.auth_headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def load_static(self) -> None:
+        if self.config.static_services:
+            self.apply(load_static_services(self.config.static_services), static=True)
+
+    async def watch(self, client: RegistryClient) -> None:
+        """Follow the registry with blocking queries; on failure keep the last table and retry."""
+        t = self.table
+        index = 0
+        delay = 0.2
+        while True:
+            try:
+                records, new_index = await client.services(
+                    index=index, wait=self.config.watch_wait if index else None)
+            except asyncio.CancelledError:
+                raise
+            except (RegistryUnavailable, RegistryRejected, ValueError) as exc:
+                if t.registry_ok or t.registry_error != str(exc):
+                    log.warning("registry unreachable, serving the last known table: %s", exc)
+                t.registry_ok = False
+                t.registry_error = str(exc)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+                index = 0
+                continue
+            delay = 0.2
+            if not t.registry_ok:
+                log.info("registry reachable again")
+            t.registry_ok = True
+            t.registry_error = None
+            t.registry_synced_at = time.time()
+            # A restarted registry starts its index again from zero: resynchronise.
+            index = new_index if new_index >= index and new_index > 0 else 0
+            t.registry_index = new_index
+            self.apply(records)
+            if index == 0:
+                await asyncio.sleep(min(1.0, self.config.watch_wait))
+
+
+def router_record(config: RouterConfig) -> dict[str, Any]:
+    """The registry record of this router (metadata.type = "router")."""
+    if config.public_url:
+        url = config.public_url.rstrip("/")
+        u = urlparse(url)
+        host, port = u.hostname or config.bind, u.port or config.port
+    else:
+        host = config.bind if config.bind not in ("0.0.0.0", "::", "") else socket.gethostname()
+        port = config.port
+        url = f"http://{host}:{port}"
+    name = config.name or f"router-{host}-{port}"
+    return {"name": name, "host": host, "port": port, "hostname": host, "url": url, "status": "running",
+            "metadata": {"type": "router", "role": "router", "url": url, "policy": config.policy}}
+
+
+async def keep_registered(client: RegistryClient, record: dict, interval: float) -> None:
+    """Register, then heartbeat every `interval`; re-register when the registry forgot us."""
+    registered = False
+    while True:
+        try:
+            if not registered:
+                await client.register(record)
+                registered = True
+                log.info("registered as %s in the registry", record["name"])
+            elif not await client.heartbeat(record["name"], status="running"):
+                registered = False
+                continue
+        except asyncio.CancelledError:
+            raise
+        except (RegistryUnavailable, RegistryRejected) as exc:
+            registered = False
+            log.debug("router self-registration: %s", exc)
+        await asyncio.sleep(interval)
+
+
+async def deregister(session: aiohttp.ClientSession, client: RegistryClient, name: str) -> None:
+    try:
+        await asyncio.wait_for(client.deregister(name), 2.0)
+    except (RegistryUnavailable, RegistryRejected, asyncio.TimeoutError):
+        pass

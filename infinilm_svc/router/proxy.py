@@ -1,0 +1,402 @@
+"""The forwarding path: choose a backend, retry before the first byte, relay answers and streams."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+from itertools import count
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ..config.router import RouterConfig
+from ..errors import ApiError, error_body
+from .balancer import Route
+from .health import Health
+from .table import CLOSED, Backend, Table
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("infinilm_svc.router.access")
+
+OPENAI_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
+                          "/v1/embeddings", "/embeddings"})
+# Request headers passed to backends (an allow-list; the client's Authorization never is).
+FORWARD_HEADERS = ("Content-Type", "Accept", "User-Agent", "Accept-Language", "OpenAI-Organization",
+                   "OpenAI-Project", "Traceparent", "Tracestate")
+# Response headers never copied back (hop-by-hop, or recomputed by the server).
+DROP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+                           "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "date",
+                           "server"})
+RETRY_STATUSES = frozenset({502, 503, 504})
+_INFO = logging.INFO
+
+
+def message_text(data: dict) -> str | None:
+    """The prompt text of a chat or completion request (for prefix matching), or None."""
+    msgs = data.get("messages")
+    if isinstance(msgs, list):
+        parts = []
+        for m in msgs:
+            if not isinstance(m, dict):
+                continue
+            c = m.get("content")
+            if isinstance(c, str):
+                parts.append(c)
+            elif isinstance(c, list):
+                for p in c:
+                    if isinstance(p, dict):
+                        for k in ("text", "content"):
+                            v = p.get(k)
+                            if isinstance(v, str):
+                                parts.append(v)
+            parts.append("\x1e")  # message boundary
+        return "".join(parts)
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return "\x1e".join(prompt)
+    return None
+
+
+def message_size(data: dict) -> int:
+    """UTF-8 bytes of message text (upstream's cache-type routing measure), not the body size."""
+    msgs = data.get("messages")
+    total = 0
+    if isinstance(msgs, list):
+        for m in msgs:
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, str):
+                total += len(c.encode())
+            elif isinstance(c, list):
+                for p in c:
+                    if isinstance(p, dict):
+                        for k in ("text", "content"):
+                            v = p.get(k)
+                            if isinstance(v, str):
+                                total += len(v.encode())
+        return total
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        return len(prompt.encode())
+    if isinstance(prompt, list):
+        return sum(len(p.encode()) for p in prompt if isinstance(p, str))
+    return 0
+
+
+class Upstream(Exception):
+    """An attempt failed before anything reached the client."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Proxy:
+    """Forwards client requests to backends chosen by the table's policies."""
+
+    def __init__(self, config: RouterConfig, table: Table, health: Health) -> None:
+        self.config = config
+        self.table = table
+        self.health = health
+        self.session: aiohttp.ClientSession | None = None
+        self.keys = frozenset(f"Bearer {k}" for k in config.api_keys) if config.api_keys else None
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
+                                             sock_read=config.read_timeout)
+        self.attempts = config.retries + 1
+        self.id_prefix = os.urandom(4).hex()
+        self.ids = count(1)
+        self.threshold = config.cache_type_threshold
+        self.session_header = config.session_header
+        self.loop_time = None
+
+    def check_key(self, request: web.Request) -> None:
+        if self.keys is not None and request.headers.get("Authorization") not in self.keys:
+            raise ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                           "invalid_request_error", "invalid_api_key")
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Every proxied path: route by model and policy, forward, relay."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        if self.keys is not None:
+            self.check_key(request)
+        rh = request.headers
+        rid = rh.get("X-Request-ID") or f"{self.id_prefix}-{next(self.ids):x}"
+        body = await request.read() if request.body_exists else b""
+        path = request.raw_path
+        data: Any = None
+        model = ""
+        if body and (request.path in OPENAI_PATHS or "json" in request.content_type):
+            try:
+                data = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
+            if not isinstance(data, dict):
+                raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+            m = data.get("model")
+            if m is not None:
+                if not isinstance(m, str):
+                    raise ApiError(400, "'model' must be a string", code="invalid_model")
+                model = m
+        t = self.table
+        if model and model not in t.known_models:
+            if t.backends:
+                raise ApiError(404, f"The model '{model}' does not exist or is not served here",
+                               "invalid_request_error", "model_not_found")
+            raise ApiError(503, "no backends are known yet", "server_error", "no_backends",
+                           headers={"Retry-After": "2"})
+        group = t.groups.get((model, None))
+        if group is None:
+            raise ApiError(503, "no backends are known yet", "server_error", "no_backends",
+                           headers={"Retry-After": "2"})
+        if data is not None and model in t.pooled_models:
+            pool = t.groups.get((model, "static" if message_size(data) > self.threshold else "paged"))
+            if pool is not None and pool.backends:
+                group = pool
+        mstats = t.model_stats[model]
+        route = Route(model)
+        policy = group.policy
+        pname = policy.name
+        if pname == "session":
+            key = None
+            if data is not None:
+                key = data.get("prompt_cache_key")
+            if not isinstance(key, str) or not key:
+                key = rh.get(self.session_header)
+                if not key and data is not None:
+                    u = data.get("user")
+                    key = u if isinstance(u, str) and u else None
+            route.session_key = key
+            route.in_flight = mstats.in_flight
+        elif pname == "cache_aware" and data is not None:
+            route.text = message_text(data)
+
+        headers = {"X-Request-ID": rid, "Accept-Encoding": rh.get("Accept-Encoding", "identity")}
+        for name in FORWARD_HEADERS:
+            v = rh.get(name)
+            if v is not None:
+                headers[name] = v
+        session = self.session
+        assert session is not None
+        method = request.method
+        mstats.request_count += 1
+        mstats.in_flight += 1
+        exclude: list[Backend] = []
+        fallback: web.Response | None = None
+        failure: Upstream | None = None
+        b: Backend | None = None
+        status = 0
+        nbytes = 0
+        ttfb: float | None = None
+        try:
+            for attempt in range(self.attempts):
+                if attempt:
+                    await asyncio.sleep(self.config.retry_backoff * (1 << (attempt - 1)) * (0.5 + random.random()))
+                b = policy.pick(group, route, exclude)
+                if b is None:
+                    break
+                bs = b.stats
+                if self.config.max_in_flight:
+                    await self._acquire(b)
+                else:
+                    bs.in_flight += 1
+                bs.request_count += 1
+                if b.circuit is not CLOSED:
+                    self.health.trial_started(b)
+                resp = None
+                try:
+                    try:
+                        resp = await session.request(
+                            method, b.url + path, data=body or None,
+                            headers={**headers, **b.auth_headers} if b.auth_headers else headers,
+                            timeout=self.timeout, allow_redirects=False)
+                    except asyncio.TimeoutError:
+                        raise Upstream("timeout", f"backend {b.name} timed out") from None
+                    except aiohttp.ClientConnectorError as exc:
+                        raise Upstream("connect", f"cannot connect to backend {b.name}: {exc.os_error}") from None
+                    except (aiohttp.ClientError, OSError) as exc:
+                        raise Upstream("upstream_io", f"backend {b.name}: {type(exc).__name__}: {exc}") from None
+                    status = resp.status
+                    ctype = resp.headers.get("Content-Type", "")
+                    if "text/event-stream" in ctype:
+                        out = await self._relay_stream(request, resp, b, mstats, rid, t0)
+                        ttfb = out[1]
+                        nbytes = out[2]
+                        return out[0]
+                    try:
+                        payload = await resp.read()
+                    except asyncio.TimeoutError:
+                        raise Upstream("timeout", f"backend {b.name} timed out sending its answer") from None
+                    except (aiohttp.ClientError, OSError) as exc:
+                        raise Upstream("upstream_io", f"backend {b.name}: {type(exc).__name__}: {exc}") from None
+                    ttfb = loop.time() - t0
+                    nbytes = len(payload)
+                    answer = web.Response(body=payload, status=status,
+                                          headers=self._response_headers(resp, rid, b))
+                    if status >= 500:
+                        self.health.record_failure(b)
+                        bs.error(f"http_{status}", payload[:200].decode(errors="replace"), loop.time())
+                        if status in RETRY_STATUSES and attempt + 1 < self.attempts:
+                            exclude.append(b)
+                            fallback = answer
+                            continue
+                    else:
+                        if b.circuit_failures or b.circuit is not CLOSED:
+                            self.health.record_success(b)
+                        if payload and mstats is not None:
+                            bs.tokens_from(payload)
+                            mstats.tokens_from(payload)
+                    bs.latency.add(ttfb)
+                    bs.ttft.add(ttfb)
+                    mstats.latency.add(ttfb)
+                    mstats.ttft.add(ttfb)
+                    return answer
+                except Upstream as exc:
+                    failure = exc
+                    bs.error(exc.kind, exc.message, loop.time())
+                    self.health.record_failure(b)
+                    exclude.append(b)
+                    if exc.kind == "timeout" and not self.config.retry_on_timeout:
+                        break
+                finally:
+                    if resp is not None:
+                        resp.release()
+                    self._release(b)
+                    if b.trial:
+                        self.health.trial_abandoned(b)
+            if fallback is not None:
+                status = fallback.status
+                return fallback
+            if failure is None:
+                status = 503
+                raise ApiError(503, f"no healthy backend serves model '{model}'" if model else
+                               "No healthy services available", "server_error", "no_healthy_backend",
+                               headers={"Retry-After": "2"})
+            mstats.error(failure.kind, failure.message, loop.time())
+            if failure.kind == "timeout":
+                status = 504
+                raise ApiError(504, f"Service timeout: {failure.message}", "server_error", "upstream_timeout")
+            if failure.kind == "connect":
+                status = 503
+                raise ApiError(503, f"Service unavailable - connection refused: {failure.message}", "server_error",
+                               "upstream_unavailable", headers={"Retry-After": "2"})
+            status = 502
+            raise ApiError(502, f"Bad gateway - error communicating with service: {failure.message}",
+                           "server_error", "bad_gateway")
+        finally:
+            mstats.in_flight -= 1
+            if self.config.access_log and access_log.isEnabledFor(_INFO):
+                access_log.info("id=%s model=%s backend=%s status=%s latency_ms=%.1f ttfb_ms=%s bytes=%d",
+                                rid, model or "-", b.name if b else "-", status or "-",
+                                (loop.time() - t0) * 1000, f"{ttfb * 1000:.1f}" if ttfb is not None else "-",
+                                nbytes)
+
+    def _response_headers(self, resp: aiohttp.ClientResponse, rid: str, b: Backend) -> dict[str, str]:
+        out = {k: v for k, v in resp.headers.items() if k.lower() not in DROP_RESPONSE}
+        out["X-Request-ID"] = rid
+        out["X-InfiniLM-Backend"] = b.name
+        return out
+
+    async def _relay_stream(self, request: web.Request, resp: aiohttp.ClientResponse, b: Backend,
+                            mstats: Any, rid: str, t0: float) -> tuple[web.StreamResponse, float | None, int]:
+        """Relay an SSE answer as it arrives; once headers are out there are no more retries."""
+        loop = asyncio.get_running_loop()
+        bs = b.stats
+        out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp, rid, b))
+        if resp.status >= 500:
+            self.health.record_failure(b)
+        elif b.circuit_failures or b.circuit is not CLOSED:
+            self.health.record_success(b)
+        try:
+            await out.prepare(request)
+        except (ConnectionResetError, OSError):
+            bs.error("client_disconnect", "client went away", loop.time())
+            resp.close()
+            return out, None, 0
+        ttfb = None
+        nbytes = 0
+        tail = b"\n\n"
+        content = resp.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream_broken"
+                msg = f"backend {b.name} failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")
+                bs.error(kind, msg, loop.time())
+                mstats.error(kind, msg, loop.time())
+                self.health.record_failure(b)
+                sep = b"" if tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+                event = sep + b"data: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode() + b"\n\n"
+                try:
+                    await out.write(event)
+                    await out.write_eof()
+                except (ConnectionResetError, OSError):
+                    pass
+                resp.close()
+                break
+            if not chunk:
+                try:
+                    await out.write_eof()
+                except (ConnectionResetError, OSError):
+                    pass
+                break
+            if ttfb is None:
+                ttfb = loop.time() - t0
+                bs.ttft.add(ttfb)
+                mstats.ttft.add(ttfb)
+            try:
+                await out.write(chunk)
+            except (ConnectionResetError, OSError):
+                # The client went away: drop the backend connection so generation stops.
+                bs.error("client_disconnect", "client went away mid-stream", loop.time())
+                resp.close()
+                break
+            nbytes += len(chunk)
+            tail = chunk
+            if b'"usage"' in chunk:
+                bs.tokens_from(chunk)
+                mstats.tokens_from(chunk)
+        lat = loop.time() - t0
+        bs.latency.add(lat)
+        mstats.latency.add(lat)
+        return out, ttfb, nbytes
+
+    async def _acquire(self, b: Backend) -> None:
+        """Take one of `b`'s max_in_flight slots, waiting in its bounded queue if needed."""
+        bs = b.stats
+        if bs.in_flight < self.config.max_in_flight:
+            bs.in_flight += 1
+            return
+        if len(b.waiters) >= self.config.queue_size:
+            bs.error("queue_full", "queue full", asyncio.get_running_loop().time())
+            raise ApiError(429, f"backend {b.name} is at its limit of {self.config.max_in_flight} requests "
+                                f"and its queue is full", "rate_limit_error", "queue_full",
+                           headers={"Retry-After": "1"})
+        fut = asyncio.get_running_loop().create_future()
+        b.waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, self.config.queue_timeout)
+        except asyncio.TimeoutError:
+            bs.error("queue_timeout", "queue timeout", asyncio.get_running_loop().time())
+            raise ApiError(503, f"backend {b.name} stayed busy for {self.config.queue_timeout:g}s",
+                           "server_error", "queue_timeout", headers={"Retry-After": "1"}) from None
+        finally:
+            if fut in b.waiters:
+                b.waiters.remove(fut)
+
+    def _release(self, b: Backend) -> None:
+        bs = b.stats
+        bs.in_flight -= 1
+        waiters = b.waiters
+        while waiters:
+            fut = waiters.pop(0)
+            if not fut.done():
+                bs.in_flight += 1  # the slot passes straight to the waiter
+                fut.set_result(None)
+                break

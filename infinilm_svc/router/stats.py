@@ -1,0 +1,148 @@
+"""Request statistics per backend and per model, and their Prometheus exposition."""
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any, Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .table import Table
+
+# Histogram bucket bounds in seconds (LLM latencies span milliseconds to minutes).
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_WINDOW = 1024  # samples kept for percentiles (a power of two)
+
+_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+
+
+class Samples:
+    """The last _WINDOW observations (for percentiles) plus cumulative histogram buckets."""
+
+    __slots__ = ("buf", "n", "buckets", "total", "count")
+
+    def __init__(self) -> None:
+        self.buf = [0.0] * _WINDOW
+        self.n = 0
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, v: float) -> None:
+        self.buf[self.n & (_WINDOW - 1)] = v
+        self.n += 1
+        self.buckets[bisect_left(BUCKETS, v)] += 1
+        self.total += v
+        self.count += 1
+
+    def percentiles_ms(self) -> dict[str, float | None]:
+        k = min(self.n, _WINDOW)
+        if not k:
+            return {"p50": None, "p90": None, "p99": None}
+        vals = sorted(self.buf[:k])
+        pick = lambda q: round(vals[min(k - 1, int(q * k))] * 1000, 2)  # noqa: E731
+        return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+    def histogram(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for bound, c in zip(BUCKETS, self.buckets):
+            acc += c
+            out.append((repr(bound), acc))
+        out.append(("+Inf", acc + self.buckets[-1]))
+        return out
+
+
+class Counters:
+    """Counters of one backend or one model."""
+
+    __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft",
+                 "prompt_tokens", "completion_tokens", "last_error", "last_error_at")
+
+    def __init__(self) -> None:
+        self.request_count = 0
+        self.error_count = 0
+        self.errors: dict[str, int] = {}
+        self.in_flight = 0
+        self.latency = Samples()
+        self.ttft = Samples()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+
+    def error(self, kind: str, message: str, now: float) -> None:
+        self.error_count += 1
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.last_error = f"{kind}: {message}"
+        self.last_error_at = now
+
+    def tokens_from(self, data: bytes) -> None:
+        """Add the token counts of an OpenAI `usage` object found in `data`, if any."""
+        if b'"usage"' not in data:
+            return
+        m = _PROMPT.search(data)
+        if m:
+            self.prompt_tokens += int(m.group(1))
+        m = _COMPLETION.search(data)
+        if m:
+            self.completion_tokens += int(m.group(1))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_count": self.request_count,
+            "error_count": self.error_count,
+            "in_flight": self.in_flight,
+            "errors": dict(self.errors),
+            "latency_ms": self.latency.percentiles_ms(),
+            "ttft_ms": self.ttft.percentiles_ms(),
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "last_error": self.last_error,
+        }
+
+
+class RouterCollector(Collector):
+    """Builds the Prometheus metrics from the live counters at scrape time (no hot-path cost)."""
+
+    def __init__(self, table: "Table") -> None:
+        self.table = table
+
+    def collect(self) -> Iterable:
+        t = self.table
+        groups = (("backend", [(b.name, b.stats) for b in t.backends.values()]),
+                  ("model", [(m or "(none)", c) for m, c in t.model_stats.items()]))
+        for label, rows in groups:
+            p = f"infinilm_router_{label}"
+            req = CounterMetricFamily(f"{p}_requests", f"Requests per {label}", labels=[label])
+            err = CounterMetricFamily(f"{p}_errors", f"Errors per {label} by kind", labels=[label, "kind"])
+            inf = GaugeMetricFamily(f"{p}_in_flight", f"Requests in flight per {label}", labels=[label])
+            tok = CounterMetricFamily(f"{p}_tokens", f"Tokens reported in usage per {label}", labels=[label, "type"])
+            lat = HistogramMetricFamily(f"{p}_latency_seconds", f"Request latency per {label}", labels=[label])
+            ttft = HistogramMetricFamily(f"{p}_ttft_seconds", f"Time to first byte per {label}", labels=[label])
+            for name, c in rows:
+                req.add_metric([name], c.request_count)
+                for kind, n in c.errors.items():
+                    err.add_metric([name, kind], n)
+                inf.add_metric([name], c.in_flight)
+                tok.add_metric([name, "prompt"], c.prompt_tokens)
+                tok.add_metric([name, "completion"], c.completion_tokens)
+                lat.add_metric([name], c.latency.histogram(), c.latency.total)
+                ttft.add_metric([name], c.ttft.histogram(), c.ttft.total)
+            yield from (req, err, inf, tok, lat, ttft)
+        up = GaugeMetricFamily("infinilm_router_backend_routable", "1 if the backend receives requests",
+                               labels=["backend"])
+        for b in t.backends.values():
+            up.add_metric([b.name], 1.0 if b.routable else 0.0)
+        yield up
+        yield GaugeMetricFamily("infinilm_router_registry_reachable", "1 if the last registry call worked",
+                                value=1.0 if t.registry_ok else 0.0)
+
+
+def make_registry(table: "Table") -> CollectorRegistry:
+    """A per-app Prometheus registry exposing the router's counters."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RouterCollector(table))
+    return reg

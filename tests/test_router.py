@@ -1,0 +1,223 @@
+"""Router behaviour over real sockets: policies, local endpoints and error answers."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from conftest import async_wait_for
+from test_router_harness import Deployment
+
+
+@pytest.fixture
+async def dep(aiohttp_server):
+    d = Deployment(aiohttp_server)
+    await d.start_registry()
+    yield d
+    await d.close()
+
+
+async def test_round_robin_alternates_per_model(dep):
+    """Interleaved requests for two models still alternate backends within each model."""
+    for name in ("a", "b"):
+        await dep.start_mock(name, ["m1", "m2"])
+    await dep.start_router(policy="round_robin")
+    await dep.wait_routable(2)
+    seen = {"m1": [], "m2": []}
+    for _ in range(6):
+        for model in ("m1", "m2"):
+            seen[model].append(await dep.chat(model))
+    for model, seq in seen.items():
+        assert all(x != y for x, y in zip(seq, seq[1:])), f"{model}: {seq}"
+        assert set(seq) == {"a", "b"}
+
+
+async def test_session_keys_stick_and_only_removed_backends_keys_move(dep):
+    """Consistent hashing: a key keeps its backend; removing one backend moves only its keys."""
+    for name in ("a", "b", "c"):
+        await dep.start_mock(name, ["m"])
+    await dep.start_router(policy="session")
+    await dep.wait_routable(3)
+    keys = [f"conv-{i}" for i in range(24)]
+    first = {k: await dep.chat("m", prompt_cache_key=k) for k in keys}
+    assert len(set(first.values())) == 3, first
+    again = {k: await dep.chat("m", prompt_cache_key=k) for k in keys}
+    assert again == first
+    # The header and the `user` field are keys too.
+    assert await dep.chat("m", user="alice") == await dep.chat("m", user="alice")
+    status, data, _ = await dep.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                                     headers={"X-Session-ID": "conv-3"})
+    assert status == 200 and f"Hello from {first['conv-3']}" in data["choices"][0]["message"]["content"]
+    await dep.registry.deregister("b")
+    await dep.wait_routable(2)
+    after = {k: await dep.chat("m", prompt_cache_key=k) for k in keys}
+    for k in keys:
+        if first[k] != "b":
+            assert after[k] == first[k], f"{k} moved from {first[k]} to {after[k]}"
+        else:
+            assert after[k] in ("a", "c")
+
+
+async def test_cache_aware_sends_shared_prefixes_to_one_backend(dep):
+    for name in ("a", "b", "c"):
+        await dep.start_mock(name, ["m"])
+    await dep.start_router(policy="cache_aware", cache_min_match=64)
+    await dep.wait_routable(3)
+    prefixes = ["You are a careful assistant. " * 20, "Translate the following legal text. " * 20]
+    for p in prefixes:
+        where = {await dep.chat("m", p + f" question {i}") for i in range(8)}
+        assert len(where) == 1, f"prefix family spread over {where}"
+    unrelated = {await dep.chat("m", f"{i} unrelated short prompt") for i in range(6)}
+    assert len(unrelated) >= 2, "prompts without a shared prefix should spread by load"
+
+
+async def test_least_requests_avoids_a_slow_backend(dep):
+    await dep.start_mock("slow", ["m"], latency=0.5)
+    await dep.start_mock("fast", ["m"])
+    await dep.start_router(policy="least_requests")
+    await dep.wait_routable(2)
+    counts = {"slow": 0, "fast": 0}
+    queue = asyncio.Queue()
+    for i in range(60):
+        queue.put_nowait(i)
+
+    async def client():
+        while not queue.empty():
+            queue.get_nowait()
+            counts[await dep.chat("m")] += 1
+    await asyncio.gather(*(client() for _ in range(8)))
+    assert counts["fast"] + counts["slow"] == 60
+    assert counts["slow"] <= 15, counts  # round robin would send it 30
+
+
+async def test_weighted_follows_record_weights(dep):
+    """metadata.weight 3:1 gives exactly 3:1 of the picks."""
+    ph = await dep.start_mock("h", ["m"], register=False)
+    pl = await dep.start_mock("l", ["m"], register=False)
+    await dep.register("h", ph, ["m"], weight=3)
+    await dep.register("l", pl, ["m"], weight=1)
+    await dep.start_router(policy="weighted")
+    await dep.wait_routable(2)
+    got = [await dep.chat("m") for _ in range(40)]
+    assert got.count("h") == 30 and got.count("l") == 10, got
+
+
+async def test_power_of_two_uses_every_backend(dep):
+    for name in ("a", "b", "c"):
+        await dep.start_mock(name, ["m"])
+    await dep.start_router(policy="power_of_two")
+    await dep.wait_routable(3)
+    assert {await dep.chat("m") for _ in range(30)} == {"a", "b", "c"}
+
+
+async def test_cache_type_pools_route_by_message_size(dep):
+    ps = await dep.start_mock("static-1", ["m"], register=False)
+    pp = await dep.start_mock("paged-1", ["m"], register=False)
+    await dep.register("static-1", ps, ["m"], cache_type="static")
+    await dep.register("paged-1", pp, ["m"], cache_type="paged")
+    await dep.start_router(cache_type_threshold=1000)
+    await dep.wait_routable(2)
+    assert {await dep.chat("m", "short") for _ in range(4)} == {"paged-1"}
+    assert {await dep.chat("m", "x" * 2000) for _ in range(4)} == {"static-1"}
+
+
+async def test_error_answers(dep):
+    """404 unknown model, 503 + Retry-After without a healthy backend, 400 bad JSON, 413 too big."""
+    await dep.start_mock("a", ["m"])
+    await dep.register("sleepy", 9, ["starting-model"], status="starting")
+    await dep.start_router(max_body=4096)
+    await dep.wait_routable(1, total=2)
+    status, data, _ = await dep.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 404 and data["error"]["code"] == "model_not_found"
+    status, data, headers = await dep.post("/v1/chat/completions",
+                                           {"model": "starting-model", "messages": [{"role": "user", "content": "x"}]})
+    assert status == 503 and headers.get("Retry-After"), (status, data)
+    assert data["error"]["type"] == "server_error"
+    status, data, _ = await dep.post("/v1/chat/completions", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert status == 400 and data["error"]["code"] == "invalid_json"
+    status, data, _ = await dep.post("/v1/chat/completions",
+                                     {"model": "m", "messages": [{"role": "user", "content": "y" * 8000}]})
+    assert status == 413 and "error" in data
+
+
+async def test_api_keys_required_and_not_forwarded(dep):
+    await dep.start_mock("a", ["m"])
+    await dep.start_router(api_keys=("sekret",))
+    await dep.wait_routable(1)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    status, data, _ = await dep.post("/v1/chat/completions", body)
+    assert status == 401 and data["error"]["code"] == "invalid_api_key"
+    status, _, _ = await dep.post("/v1/chat/completions", body, headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    status, _, _ = await dep.get("/v1/models")
+    assert status == 401
+    status, data, headers = await dep.post("/v1/chat/completions", body, headers={"Authorization": "Bearer sekret",
+                                                                                "X-Request-ID": "rid-42"})
+    assert status == 200 and headers["X-Request-ID"] == "rid-42"
+
+
+async def test_v1_models_is_aggregated_and_deduplicated(dep):
+    await dep.start_mock("a", ["alpha", "beta"])
+    await dep.start_mock("b", ["beta", "gamma"])
+    await dep.register("down", 9, ["delta"], status="stopped")
+    await dep.start_router()
+    await dep.wait_routable(2, total=3)
+    for path in ("/v1/models", "/models"):
+        status, data, _ = await dep.get(path)
+        assert status == 200 and data["object"] == "list"
+        assert [m["id"] for m in data["data"]] == ["alpha", "beta", "gamma"]
+
+
+async def test_registry_not_running_removes_backend_at_once(dep):
+    await dep.start_mock("a", ["m"])
+    await dep.start_mock("b", ["m"])
+    await dep.start_router()
+    await dep.wait_routable(2)
+    await dep.registry.heartbeat("b", status="stopping")
+    await dep.wait_routable(1, total=2)
+    assert {await dep.chat("m") for _ in range(6)} == {"a"}
+    await dep.registry.heartbeat("b", status="running")
+    await dep.wait_routable(2)
+    assert {await dep.chat("m") for _ in range(6)} == {"a", "b"}
+
+
+async def test_local_endpoints_and_self_registration(dep):
+    await dep.start_mock("a", ["m"])
+    await dep.start_router()
+    await dep.wait_routable(1)
+    for _ in range(3):
+        await dep.chat("m")
+    status, stats, _ = await dep.get("/stats")
+    assert status == 200 and stats["total_services"] == 1 and stats["healthy_services"] == 1
+    svc = stats["services"][0]
+    assert svc["name"] == "a" and svc["request_count"] == 3 and svc["in_flight"] == 0
+    assert svc["latency_ms"]["p50"] is not None and svc["tokens"]["completion"] > 0
+    assert stats["models"]["m"]["request_count"] == 3
+    status, services, _ = await dep.get("/services")
+    assert services["total"] == 1 and services["services"][0]["url"].startswith("http://127.0.0.1:")
+    async with dep.session.get(dep.router_url + "/metrics") as r:
+        text = await r.text()
+    assert 'infinilm_router_backend_requests_total{backend="a"} 3.0' in text
+    records, _ = await dep.registry.services()
+    routers = [r for r in records if r["metadata"].get("type") == "router"]
+    assert routers and routers[0]["metadata"]["url"] == dep.router_url
+
+
+async def test_registry_unreachable_keeps_last_table(aiohttp_server):
+    d = Deployment(aiohttp_server)
+    try:
+        await d.start_registry()
+        await d.start_mock("a", ["m"])
+        await d.start_router()
+        await d.wait_routable(1)
+        await d.registry_server.close()  # the registry goes away
+
+        async def stale():
+            _, h, _ = await d.get("/health")
+            return h if not h["registry"]["reachable"] else None
+        h = await async_wait_for(stale, timeout=15, what="registry marked unreachable")
+        assert h["healthy_services"] == "1/1" and "registry unreachable" in h["message"]
+        assert await d.chat("m") == "a"
+    finally:
+        await d.close()
+
