@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# run-local.sh [SERVER1_IP SERVER2_IP]: play both servers on this machine on two loopback addresses
+# (default 127.0.0.2 and 127.0.0.3), validate, and leave them running.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+S1=${1:-${SERVER1_IP:-127.0.0.2}}
+S2=${2:-${SERVER2_IP:-127.0.0.3}}
+for ip in "$S1" "$S2"; do
+    check_ip "$ip"
+    [[ "$ip" == 127.* ]] || die "$ip is not a loopback address (127.0.0.0/8); for two machines use start-server1.sh and start-server2.sh"
+done
+[ "$S1" != "$S2" ] || die "the two servers need two different addresses (both use ports 8100/8101 and 8200/8201)"
+need_pyz
+
+export RUN_DIR
+"$DEMO_DIR/start-server1.sh" "$S1"
+"$DEMO_DIR/start-server2.sh" "$S1" "$S2"
+echo
+rc=0
+"$DEMO_DIR/validate.sh" "$S1" || rc=$?
+stop_cmd="$DEMO_DIR/stop-all.sh"
+[ "$RUN_DIR" = "$DEMO_DIR/run" ] || stop_cmd="RUN_DIR=$RUN_DIR $stop_cmd"
+echo
+echo "The demo is still running (pids and logs in $RUN_DIR)."
+echo "Open the console:  ${PYZ_CMD[*]} console --registry http://$S1:$REGISTRY_PORT"
+echo "Stop everything:   $stop_cmd"
+exit $rc
