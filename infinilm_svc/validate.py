@@ -790,7 +790,7 @@ def options_from_args(args: argparse.Namespace) -> ValidateOptions:
 def format_row(result: CheckResult, width: int = 100) -> str:
     """One table row; long details wrap under the detail column."""
     head = f"{result.number:>3}  {result.name:<22} {'PASS' if result.passed else 'FAIL':<6} "
-    lines = textwrap.wrap(result.detail, max(30, width - len(head))) or [""]
+    lines = textwrap.wrap(result.detail, max(30, width - len(head)), break_on_hyphens=False) or [""]
     return "\n".join([head + lines[0]] + [" " * len(head) + line for line in lines[1:]])
 
 
