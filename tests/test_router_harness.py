@@ -16,6 +16,7 @@ from infinilm_svc.mock.app import create_app as create_mock
 from infinilm_svc.mock.options import MockOptions
 from infinilm_svc.registry.app import create_app as create_registry
 from infinilm_svc.router.app import create_app as create_router
+from infinilm_svc.runtime import HostedApp, start_app
 
 HOST = "127.0.0.1"
 SERVED_BY = re.compile(r"Hello from (\S+)")
@@ -58,6 +59,7 @@ class Deployment:
         self.registry_url = ""
         self.registry: RegistryClient | None = None
         self.registry_server = None
+        self.runners: list = []
         self.router_url = ""
         self.router_app = None
 
@@ -81,10 +83,14 @@ class Deployment:
         assert self.registry is not None
         await self.registry.register(backend_record(name, port, models, status, **meta))
 
-    async def start_router(self, **kw: Any) -> str:
+    async def start_router(self, production_runner: bool = False, **kw: Any) -> str:
+        """Start the router; production_runner=True hosts it exactly as runtime.serve does."""
         cfg = router_config(self.registry_url or None, **kw)
         self.router_app = create_router(cfg)
-        await self.aiohttp_server(self.router_app, host=HOST, port=cfg.port)
+        if production_runner:
+            self.runners.append(await start_app(HostedApp("router", "router", self.router_app, HOST, cfg.port)))
+        else:
+            await self.aiohttp_server(self.router_app, host=HOST, port=cfg.port)
         self.router_url = f"http://{HOST}:{cfg.port}"
         return self.router_url
 
@@ -117,6 +123,8 @@ class Deployment:
         await async_wait_for(ok, timeout=10, what=f"{n} routable backends")
 
     async def close(self) -> None:
+        for runner in self.runners:
+            await runner.cleanup()
         await self.session.close()
 
 

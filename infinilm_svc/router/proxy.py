@@ -322,46 +322,52 @@ class Proxy:
         nbytes = 0
         tail = b"\n\n"
         content = resp.content
-        while True:
-            try:
-                chunk = await content.readany()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream_broken"
-                msg = f"backend {b.name} failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")
-                bs.error(kind, msg, loop.time())
-                mstats.error(kind, msg, loop.time())
-                self.health.record_failure(b)
-                sep = b"" if tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
-                event = sep + b"data: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode() + b"\n\n"
+        try:
+            while True:
                 try:
-                    await out.write(event)
-                    await out.write_eof()
-                except (ConnectionResetError, OSError):
-                    pass
-                resp.close()
-                break
-            if not chunk:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream_broken"
+                    msg = f"backend {b.name} failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")
+                    bs.error(kind, msg, loop.time())
+                    mstats.error(kind, msg, loop.time())
+                    self.health.record_failure(b)
+                    sep = b"" if tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
+                    event = sep + b"data: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode() + b"\n\n"
+                    try:
+                        await out.write(event)
+                        await out.write_eof()
+                    except (ConnectionResetError, OSError):
+                        pass
+                    resp.close()
+                    break
+                if not chunk:
+                    try:
+                        await out.write_eof()
+                    except (ConnectionResetError, OSError):
+                        pass
+                    break
+                if ttfb is None:
+                    ttfb = loop.time() - t0
+                    bs.ttft.add(ttfb)
+                    mstats.ttft.add(ttfb)
                 try:
-                    await out.write_eof()
+                    await out.write(chunk)
                 except (ConnectionResetError, OSError):
-                    pass
-                break
-            if ttfb is None:
-                ttfb = loop.time() - t0
-                bs.ttft.add(ttfb)
-                mstats.ttft.add(ttfb)
-            try:
-                await out.write(chunk)
-            except (ConnectionResetError, OSError):
-                # The client went away: drop the backend connection so generation stops.
-                bs.error("client_disconnect", "client went away mid-stream", loop.time())
-                resp.close()
-                break
-            nbytes += len(chunk)
-            tail = chunk
-            if b'"usage"' in chunk:
-                bs.tokens_from(chunk)
-                mstats.tokens_from(chunk)
+                    # The client went away: drop the backend connection so generation stops.
+                    bs.error("client_disconnect", "client went away mid-stream", loop.time())
+                    resp.close()
+                    break
+                nbytes += len(chunk)
+                tail = chunk
+                if b'"usage"' in chunk:
+                    bs.tokens_from(chunk)
+                    mstats.tokens_from(chunk)
+        except asyncio.CancelledError:
+            # The server cancels the handler when the client goes away (handler_cancellation).
+            bs.error("client_disconnect", "client went away mid-stream", loop.time())
+            resp.close()
+            raise
         lat = loop.time() - t0
         bs.latency.add(lat)
         mstats.latency.add(lat)
