@@ -1,0 +1,153 @@
+"""The integration demo end to end: run-local.sh with the built pyz, validate, lose server 2, stop-all.sh."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, http_get_json, wait_for
+
+DEMO = ROOT / "demo" / "integration-validation"
+DEMO_PORTS = (18000, 8000, 8100, 8101, 8200, 8201)
+
+pytestmark = pytest.mark.e2e
+
+
+def _ports_free(host: str) -> bool:
+    for port in DEMO_PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def _two_addresses() -> tuple[str, str]:
+    """Loopback addresses of this test's own (not the demo's 127.0.0.2/3), with the demo's ports free."""
+    for _ in range(50):
+        a, b = random.sample(range(20, 251), 2)
+        third = random.randint(1, 250)
+        s1, s2 = f"127.{third}.0.{a}", f"127.{third}.0.{b}"
+        if _ports_free(s1) and _ports_free(s2):
+            return s1, s2
+    pytest.fail("no pair of loopback addresses with the demo's ports free")
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, starttime) for every process."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(d.name)] = (int(fields[1]), fields[19])
+    return out
+
+
+def _tree(pid: int) -> set[int]:
+    table = _proc_table()
+    found, todo = {pid}, [pid]
+    while todo:
+        cur = todo.pop()
+        for p, (ppid, _) in table.items():
+            if ppid == cur and p not in found:
+                found.add(p)
+                todo.append(p)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _processes_using(addresses: tuple[str, ...]) -> list[str]:
+    """Command lines of live processes that were given one of `addresses` as an argument."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or not _alive(int(d.name)):
+            continue
+        try:
+            args = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in args]
+        if any(a in addresses or any(a.startswith(f"http://{ip}:") for ip in addresses) for a in text):
+            out.append(f"{d.name}: {' '.join(text)}")
+    return out
+
+
+def _run(script: str, *args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([str(DEMO / script), *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_run_local_validates_then_losing_server_2_fails_checks_3_and_7_and_stop_all_leaves_nothing(pyz_path, tmp_path):
+    s1, s2 = _two_addresses()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "INFINILM_PYZ": str(pyz_path), "INFINILM_PYTHON": sys.executable,
+           "COLUMNS": "200", "READY_TIMEOUT": "30", "VALIDATE_WAIT": "20"}
+    try:
+        first = _run("run-local.sh", s1, s2, env=env, timeout=90)
+        out = first.stdout
+        assert first.returncode == 0, out + first.stderr
+        assert "9 passed, 0 failed" in out.splitlines()
+        assert f"console --registry http://{s1}:18000" in out
+        assert "stop-all.sh" in out
+        # The servers are left running, and running it again detects them instead of starting twice.
+        pids = {n: int((run_dir / f"{n}.pid").read_text().split()[0]) for n in ("server1", "server2")}
+        again = _run("start-server1.sh", s1, env=env, timeout=30)
+        assert again.returncode == 0 and f"server1 is already running (pid {pids['server1']}" in again.stdout
+
+        # Server 2 dies hard: the process and its mocks.
+        for pid in _tree(pids["server2"]):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        def server2_unhealthy() -> bool:
+            _, body = http_get_json(f"http://{s1}:18000/services")
+            recs = {r["name"]: r for r in body["services"]}
+            return all(not recs.get(n, {}).get("is_healthy") for n in
+                       ("babysitter-c", "babysitter-c-server", "babysitter-d", "babysitter-d-server"))
+
+        wait_for(server2_unhealthy, timeout=20, interval=0.2, what="the registry to see server 2 gone")
+        second = _run("validate.sh", s1, "--json", env={**env, "VALIDATE_WAIT": "0"}, timeout=60)
+        assert second.returncode == 1, second.stdout + second.stderr
+        checks = {c["number"]: c for c in json.loads(second.stdout)["checks"]}
+        assert not checks[3]["passed"]
+        for name in ("babysitter-c", "babysitter-c-server", "babysitter-d", "babysitter-d-server"):
+            assert name in checks[3]["detail"]
+        assert f"come from 1 host(s) ({s1})" in checks[3]["detail"]
+        assert not checks[7]["passed"]
+        assert "babysitter-c-server served 0 of 8" in checks[7]["detail"]
+        assert "babysitter-d-server served 0 of 8" in checks[7]["detail"]
+        # Server 1 alone still answers every request.
+        assert checks[1]["passed"] and checks[5]["passed"] and checks[6]["passed"]
+
+        server1_tree = _tree(pids["server1"])
+        assert len(server1_tree) >= 3  # the server and its two mocks
+        stop = _run("stop-all.sh", env=env, timeout=60)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert "server1 stopped" in stop.stdout
+        assert [p for p in server1_tree if _alive(p)] == []
+        assert _processes_using((s1, s2)) == []
+        assert not list(run_dir.glob("*.pid"))
+    finally:
+        subprocess.run([str(DEMO / "stop-all.sh")], env=env, capture_output=True, timeout=60)
+        for line in _processes_using((s1, s2)):  # last resort, so a failed test leaves nothing behind
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
