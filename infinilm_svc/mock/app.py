@@ -30,7 +30,7 @@ class MockState:
         self.options = options
         self.models = set(options.models)
         self.requests = 0
-        self.hung = asyncio.Event()  # never set: hung requests wait on it forever
+        self.hung = asyncio.Event()  # set only on shutdown: hung requests wait on it
         created = int(time.time())
         self.model_list = [{"id": m, "object": "model", "created": created, "owned_by": options.name}
                            for m in options.models]
@@ -86,6 +86,9 @@ async def mock_middleware(request: web.Request, handler):
             sys.stdout.write(f"mock {opts.name}: hanging after {opts.hang_after} requests\n")
             sys.stdout.flush()
         await state.hung.wait()
+        request["model"] = "-"
+        _log_line(request, 503)
+        return error_response(503, f"{opts.name} is shutting down", "server_error")
     status = 500
     try:
         resp = await handler(request)
@@ -245,11 +248,17 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(text=request.app[STATE].health_body, content_type="application/json")
 
 
+async def _release_hung(app: web.Application) -> None:
+    """On shutdown, hung requests end at once rather than holding the graceful stop."""
+    app[STATE].hung.set()
+
+
 def create_app(options: MockOptions) -> web.Application:
     """The mock's aiohttp app (no access log: the middleware writes the one line per request)."""
     app = web.Application(middlewares=[mock_middleware], client_max_size=16 << 20)
     app[OPTIONS] = options
     app[STATE] = MockState(options)
+    app.on_shutdown.append(_release_hung)
     r = app.router
     for prefix in ("/v1", ""):
         r.add_get(f"{prefix}/models", list_models)
