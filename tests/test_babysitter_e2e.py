@@ -1,0 +1,110 @@
+"""The babysitter from the built pyz: an upstream-format config with type = "command", and type = "mock"."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import pytest
+
+from conftest import ROOT, free_port, http_get_json, http_json, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def _registry(procs, tmp_path) -> int:
+    port = free_port()
+    cfg = tmp_path / "registry.toml"
+    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nsweep_interval = 0.1\nprobe_interval = 0\n')
+    procs.pyz("--config", str(cfg), name="registry")
+    wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200, what="registry up")
+    return port
+
+
+def _record(reg: int, name: str):
+    code, body = http_get_json(f"http://127.0.0.1:{reg}/services/{name}")
+    return body if code == 200 else None
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return False
+    except ProcessLookupError:
+        return True
+
+
+def _exercise(procs, reg: int, name: str, port: int, cfg, served_by: str) -> None:
+    """Serve, survive kill -9, then SIGTERM: records gone, no child left."""
+    bs = procs.pyz("--config", str(cfg), "--bind", "127.0.0.1", name=name)
+    rec = wait_for(lambda: (r := _record(reg, f"{name}-server")) and r["status"] == "running" and r,
+                   timeout=20, what=f"{name}-server running")
+    assert rec["port"] == port and rec["metadata"]["models"] == ["model-1"]
+    assert _record(reg, name)["port"] == port + 1
+    code, body = http_json("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                           {"model": "model-1", "messages": [{"role": "user", "content": "hi"}]},
+                           headers={"X-Request-ID": f"e2e-{name}"})
+    assert code == 200 and body["choices"][0]["message"]["content"] == f"Hello from {served_by} (model: model-1)"
+    pid = rec["metadata"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: (r := _record(reg, f"{name}-server")) and r["status"] != "running", what="down in the registry")
+    rec = wait_for(lambda: (r := _record(reg, f"{name}-server")) and r["status"] == "running" and r,
+                   timeout=20, what="running again")
+    assert rec["metadata"]["restarts"] == 1
+    lines = [e["line"] for e in http_get_json(f"http://127.0.0.1:{port + 1}/logs?tail=200")[1]["lines"]]
+    assert any(f"id=e2e-{name} " in ln and "model=model-1" in ln for ln in lines)
+    child = rec["metadata"]["pid"]
+    bs.send_signal(signal.SIGTERM)
+    assert bs.wait(timeout=20) == 0
+    assert _record(reg, name) is None and _record(reg, f"{name}-server") is None
+    assert _gone(child)
+
+
+def test_upstream_config_with_command_running_the_pyz_mock(procs, pyz_path, tmp_path):
+    reg = _registry(procs, tmp_path)
+    port = free_port(pair=True)
+    cfg = tmp_path / "babysitter-a.toml"
+    # Only upstream keys (reference §3.2); --bind on the command line keeps it on loopback.
+    cfg.write_text(f'''name = "babysitter-a"
+host = "127.0.0.1"
+port = {port}
+registry_url = "http://127.0.0.1:{reg}"
+router_url = "http://127.0.0.1:8000"
+
+[babysitter]
+max_restarts = 10000
+restart_delay = 0.1
+heartbeat_interval = 0.3
+
+[backend]
+type = "command"
+command = "{sys.executable} ./infinilm-svc.pyz mock"
+args = ["--name", "mock-service-a", "--port", "{port}", "--models", "model-1", "--host", "127.0.0.1"]
+work_dir = "{ROOT}"
+
+[backend.env]
+PYTHONDONTWRITEBYTECODE = "1"
+''')
+    _exercise(procs, reg, "babysitter-a", port, cfg, "mock-service-a")
+
+
+def test_type_mock_runs_the_pyz_itself(procs, pyz_path, tmp_path):
+    reg = _registry(procs, tmp_path)
+    port = free_port(pair=True)
+    cfg = tmp_path / "babysitter-m.toml"
+    cfg.write_text(f'''name = "babysitter-m"
+host = "127.0.0.1"
+port = {port}
+registry_url = "http://127.0.0.1:{reg}"
+
+[babysitter]
+restart_delay = 0.1
+heartbeat_interval = 0.3
+
+[backend]
+type = "mock"
+models = ["model-1"]
+''')
+    _exercise(procs, reg, "babysitter-m", port, cfg, "babysitter-m")
+    started = [ln for ln in (tmp_path / "logs" / "babysitter-m.log").read_text().splitlines() if "backend started" in ln]
+    assert started and str(pyz_path) in started[0]
