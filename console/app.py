@@ -69,7 +69,7 @@ class ConsoleApp(App):
     def _arm(self, delay: float) -> None:
         if self._timer is not None:
             self._timer.stop()
-        self._timer = self.set_timer(delay, self._tick)
+        self._timer = self.set_timer(max(delay, 0.001), self._tick)   # a 0 s timer divides by zero
 
     def _tick(self) -> None:
         self._timer = None

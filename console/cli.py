@@ -40,6 +40,8 @@ def print_once(registry: str, out=None) -> int:
     from .cells import MODEL_COLUMNS, PLAIN_COLOURS, SERVICE_COLUMNS, model_cells, service_cells
 
     console = Console(file=out or sys.stdout)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(file=out or sys.stdout, width=220)   # scripts get whole rows, not ellipses
     try:
         snap = asyncio.run(_poll_once(registry))
     except RegistryUnavailable as exc:
