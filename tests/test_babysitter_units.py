@@ -1,0 +1,75 @@
+"""Babysitter pieces without processes: backend command lines and the rotating, followable log."""
+from __future__ import annotations
+
+import os
+import sys
+
+from infinilm_svc.babysitter.logbook import LogBook, RotatingLogFile
+from infinilm_svc.babysitter.process import launch_spec, probe_host
+from infinilm_svc.babysitter.supervisor import describe_exit, parse_models
+from infinilm_svc.config.babysitter import BabysitterConfig, BackendConfig
+
+
+def cfg(backend: BackendConfig, **kw) -> BabysitterConfig:
+    return BabysitterConfig(port=8100, backend=backend, name="bs", config_dir="/etc/bs", **kw)
+
+
+def test_command_is_split_like_a_shell_and_args_are_never_resplit():
+    spec = launch_spec(cfg(BackendConfig(type="command", command='"/opt/my python/bin/python" -u server.py',
+                                         args=("--prompt", "two words"), work_dir="run", env={"A": "1"})))
+    assert spec.argv == ("/opt/my python/bin/python", "-u", "server.py", "--prompt", "two words")
+    assert spec.cwd == "/etc/bs/run" and spec.env["A"] == "1" and spec.env.get("PATH") == os.environ.get("PATH")
+
+
+def test_upstream_backend_types_build_their_command_lines():
+    vllm = launch_spec(cfg(BackendConfig(type="vllm", model="/m/q", args=("--tp", "2")), bind="127.0.0.3"))
+    assert vllm.argv == ("python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m/q",
+                         "--port", "8100", "--host", "127.0.0.3", "--tp", "2")
+    rust = launch_spec(cfg(BackendConfig(type="infinilm-rust", config_file="svc.toml")))
+    assert rust.argv == ("xtask", "service", "svc.toml", "-p", "8100")
+    inf = launch_spec(cfg(BackendConfig(type="infinilm", model_path="/m")))
+    assert inf.argv == ("python3", "launch_server.py", "--port", "8100", "--host", "0.0.0.0")
+    assert inf.cwd is None
+
+
+def test_mock_type_reruns_this_program_on_the_bind_address():
+    spec = launch_spec(cfg(BackendConfig(type="mock", models=("a", "b"), mock_options=("--latency", "0.1")),
+                           bind="127.0.0.2"))
+    assert spec.argv[0] == sys.executable
+    assert spec.argv[-11:] == ("mock", "--name", "bs", "--port", "8100", "--models", "a,b", "--host", "127.0.0.2",
+                               "--latency", "0.1")
+    assert probe_host(cfg(BackendConfig(type="mock", models=("a",)), bind="127.0.0.2")) == "127.0.0.2"
+    assert probe_host(cfg(BackendConfig(type="mock", models=("a",)))) == "127.0.0.1"
+
+
+def test_model_lists_and_exit_descriptions():
+    assert [m["id"] for m in parse_models({"data": [{"id": "x"}, {"no": 1}]})] == ["x"]
+    assert [m["id"] for m in parse_models([{"id": "y"}, "z"])] == ["y", "z"]
+    assert parse_models({"data": []}) == [] and parse_models("nope") == []
+    assert describe_exit(-9) == "exited with code -9 (SIGKILL)" and describe_exit(3) == "exited with code 3"
+
+
+def test_log_file_rotates_at_its_size_cap(tmp_path):
+    f = RotatingLogFile(str(tmp_path / "logs" / "b.log"), max_bytes=100, backups=2)
+    for i in range(30):
+        f.write(f"line {i:02d} xxxxxxxxxx\n")
+    f.close()
+    names = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert names == ["b.log", "b.log.1", "b.log.2"]
+    assert all(p.stat().st_size <= 100 for p in (tmp_path / "logs").iterdir())
+    assert "line 29" in (tmp_path / "logs" / "b.log").read_text()
+
+
+async def test_ring_keeps_the_last_lines_and_followers_get_new_ones():
+    book = LogBook("bs", ring_lines=10)
+    for i in range(15):
+        book.add("stdout", f"l{i}")
+    assert [e.line for e in book.tail(3)] == ["l12", "l13", "l14"]
+    assert len(book.tail(100)) == 10
+    tail, q = book.follow(2)
+    assert [e.line for e in tail] == ["l13", "l14"]
+    book.marker("backend exited with code -9; restarting in 5 s")
+    e = q.get_nowait()
+    assert (e.stream, e.line) == ("babysitter", "backend exited with code -9; restarting in 5 s")
+    book.close_followers()
+    assert q.get_nowait() is None
