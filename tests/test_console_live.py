@@ -157,3 +157,24 @@ async def test_killed_backend_changes_state_and_recovers(deployment):
         async def back():
             return cell(app, "bs-a-server", "state") == "running"
         await async_wait_for(back, timeout=20, what="bs-a-server running again")
+
+
+async def test_validation_screen_shows_each_check_as_it_arrives(deployment):
+    """`v` runs the validate checks against this deployment; results appear in the table as they complete."""
+    app = make_app(deployment)
+    async with app.run_test(size=SIZE) as pilot:
+        await _wait_running(app, "bs-a-server", "bs-b-server")
+        await pilot.press("v")
+        await pilot.pause()
+        assert app.screen.id == "validation-screen"
+        status = app.screen.query_one("#vstatus")
+
+        async def done():
+            return "done in" in str(status.render()) and str(status.render())
+        final = await async_wait_for(done, timeout=40, what="validation finished")
+        table = app.screen.query_one("#checks")
+        results = {table.get_cell(k, "name"): table.get_cell(k, "result").plain for k in table.row_keys()}
+        print(final, results)
+        assert len(results) >= 9
+        assert all(v in ("PASS", "FAIL") for v in results.values())
+        assert f"{list(results.values()).count('PASS')} passed" in final

@@ -1,0 +1,95 @@
+"""The console's data layer against a real registry and routers' /stats: sums, rates, stale and expired rows."""
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from console.data import ActionFailed, Babysitters, Poller
+from infinilm_svc.config.registry import RegistryConfig
+from infinilm_svc.registry.app import create_app as create_registry
+
+HOST = "127.0.0.1"
+
+
+def _stats(backend_counts: dict[str, tuple[int, int, int, float]], model_counts: dict[str, int]) -> dict:
+    return {
+        "total_services": len(backend_counts), "healthy_services": len(backend_counts), "registry_url": "x",
+        "services": [{"name": n, "request_count": r, "error_count": e, "in_flight": f,
+                      "latency_ms": {"p50": p, "p90": p * 2, "p99": p * 3}} for n, (r, e, f, p) in backend_counts.items()],
+        "models": {m: {"request_count": c, "error_count": 0, "in_flight": 0,
+                       "latency_ms": {"p50": 5.0, "p90": 6.0, "p99": 7.0}} for m, c in model_counts.items()},
+    }
+
+
+async def _router(aiohttp_server, body: dict):
+    async def stats(request):
+        return web.json_response(body["stats"])
+    app = web.Application()
+    app.router.add_get("/stats", stats)
+    return await aiohttp_server(app, host=HOST)
+
+
+async def test_poll_sums_router_stats_computes_rates_and_marks_stale_and_expired(aiohttp_server):
+    """Counts are summed over routers, latency weighted by requests, rates from deltas; late and gone rows marked."""
+    registry = await aiohttp_server(create_registry(RegistryConfig(bind=HOST, port=0, sweep_interval=0.2)), host=HOST)
+    r1_body = {"stats": _stats({"b-server": (100, 2, 1, 10.0)}, {"m1": 100})}
+    r2_body = {"stats": _stats({"b-server": (300, 1, 2, 20.0)}, {"m1": 300})}
+    r1, r2 = await _router(aiohttp_server, r1_body), await _router(aiohttp_server, r2_body)
+    reg_url = f"http://{HOST}:{registry.port}"
+    base = {"host": HOST, "hostname": HOST, "status": "running"}
+    records = [
+        {**base, "name": "b", "port": 9101, "url": "http://x:9101",
+         "metadata": {"role": "babysitter", "backend": "b-server", "babysitter": "enhanced"}},
+        {**base, "name": "b-server", "port": 9100, "url": "http://x:9100",
+         "metadata": {"type": "openai-api", "role": "backend", "models": ["m1"], "restarts": 4,
+                      "babysitter_url": "http://x:9101"}},
+        *({**base, "name": f"router-{i}", "port": srv.port, "url": f"http://{HOST}:{srv.port}",
+           "metadata": {"type": "router", "role": "router", "url": f"http://{HOST}:{srv.port}"}}
+          for i, srv in enumerate((r1, r2))),
+        {**base, "name": "router-dead", "port": 1, "url": f"http://{HOST}:1",
+         "metadata": {"type": "router", "role": "router", "url": f"http://{HOST}:1"}},
+    ]
+    now = [time.time()]
+    async with aiohttp.ClientSession() as session:
+        for rec in records:
+            async with session.post(reg_url + "/services", json=rec) as resp:
+                assert resp.status == 201
+        poller = Poller(session, reg_url, clock=lambda: now[0])
+        snap = await poller.poll()
+        b = snap.service("b-server")
+        assert (b.requests, b.errors, b.in_flight, b.restarts) == (400, 3, 3, 4)
+        assert b.latency.p50 == (100 * 10.0 + 300 * 20.0) / 400
+        assert snap.routers_answered == 2 and len(snap.router_errors) == 1 and ":1" in snap.router_errors[0]
+        sitter = snap.service("b")
+        assert sitter.models == ("m1",) and sitter.restarts == 4      # taken from its backend
+        assert [(m.name, m.requests, m.healthy, m.backends) for m in snap.models] == [("m1", 400, 1, ("b-server",))]
+
+        r1_body["stats"] = _stats({"b-server": (150, 2, 0, 10.0)}, {"m1": 150})
+        r2_body["stats"] = _stats({"b-server": (350, 1, 0, 20.0)}, {"m1": 350})
+        now[0] += 200.0                      # heartbeats now look 200 s old to the console
+        async with session.delete(reg_url + "/services/b") as resp:
+            assert resp.status == 200
+        snap = await poller.poll()
+        assert snap.models[0].rate == 100 / 200.0
+        assert snap.history["b-server"][-1].rate == 100 / 200.0
+        assert snap.service("b-server").state == "stale"
+        assert snap.service("b").state == "expired"          # deregistered: still shown, marked expired
+
+
+async def test_babysitter_action_reports_refusal(aiohttp_server):
+    """A babysitter answering 401 to /restart is reported as a failed action with its message."""
+    async def restart(request):
+        if request.headers.get("Authorization") != "Bearer right":
+            return web.json_response({"error": {"message": "bad token", "type": "auth", "code": 401}}, status=401)
+        return web.json_response({"message": "restarting"})
+    app = web.Application()
+    app.router.add_post("/restart", restart)
+    srv = await aiohttp_server(app, host=HOST)
+    async with aiohttp.ClientSession() as session:
+        url = f"http://{HOST}:{srv.port}"
+        with pytest.raises(ActionFailed, match=r"restart refused \(401\): bad token"):
+            await Babysitters(session, "wrong").act(url, "restart")
+        assert await Babysitters(session, "right").act(url, "restart") == "restarting"
