@@ -173,7 +173,8 @@ class Supervisor:
                                     f"(max_restarts = {self.policy.max_restarts}): FATAL until POST /start")
                 self._set_state(FATAL)
                 continue
-            delay = min(self.policy.restart_delay * (2 ** (self.failures - 1)), self.policy.backoff_max)
+            cap = max(self.policy.backoff_max, self.policy.restart_delay)  # never below the first delay
+            delay = min(self.policy.restart_delay * (2 ** min(self.failures - 1, 30)), cap)
             self.logbook.marker(f"backend {reason}; restarting in {delay:g} s")
             self._set_state(BACKOFF)
             await self._wait_wake(delay)
