@@ -657,8 +657,6 @@ async def check_chaos(run: _Run) -> CheckResult:
         await sender
     if back is None:
         problems.append(f"{backend} is not running again {run.options.chaos_timeout:g} s after POST /start")
-    if after_down.get(backend):
-        problems.append(f"{backend} answered {after_down[backend]} request(s) after the registry showed it stopped")
     if failed:
         problems.insert(0, f"{len(failed)} of {sent} requests failed around the stop of {backend} ({failed[0]})")
     if problems:
