@@ -170,22 +170,26 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
     def event(choice: dict, **extra: Any) -> bytes:
         return b"data: " + json.dumps({**head, "choices": [choice], **extra}).encode() + b"\n\n"
 
+    out: list[bytes] = []  # with no interval, the whole stream goes out in one write
     if chat:
-        await resp.write(event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
+        out.append(event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
     for k, piece in enumerate(pieces):
         if k and opts.chunk_interval > 0:
+            await resp.write(b"".join(out))
+            out.clear()
             await asyncio.sleep(opts.chunk_interval)
         if chat:
-            await resp.write(event({"index": 0, "delta": {"content": piece}, "finish_reason": None}))
+            out.append(event({"index": 0, "delta": {"content": piece}, "finish_reason": None}))
         else:
-            await resp.write(event({"index": 0, "text": piece, "logprobs": None, "finish_reason": None}))
+            out.append(event({"index": 0, "text": piece, "logprobs": None, "finish_reason": None}))
     final = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
         {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
     usage = _usage(prompt_tokens, len(pieces))
-    await resp.write(event(final, usage=usage))
+    out.append(event(final, usage=usage))
     if include_usage:
-        await resp.write(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
-    await resp.write(b"data: [DONE]\n\n")
+        out.append(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    await resp.write(b"".join(out))
     await resp.write_eof()
     return resp
 
