@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import random
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp

@@ -20,9 +20,12 @@ echo
 rc=0
 "$DEMO_DIR/validate.sh" "$S1" || rc=$?
 stop_cmd="$DEMO_DIR/stop-all.sh"
+[ "$PWD" = "$REPO_ROOT" ] && stop_cmd=demo/integration-validation/stop-all.sh
 [ "$RUN_DIR" = "$DEMO_DIR/run" ] || stop_cmd="RUN_DIR=$RUN_DIR $stop_cmd"
 echo
 echo "The demo is still running (pids and logs in $RUN_DIR)."
-echo "Open the console:  ${PYZ_CMD[*]} console --registry http://$S1:$REGISTRY_PORT"
+pyz_shown="${PYZ_CMD[*]}"
+[ -z "${INFINILM_PYTHON:-}" ] && [ "$PYZ" = "$REPO_ROOT/infinilm-svc.pyz" ] && [ "$PWD" = "$REPO_ROOT" ] && pyz_shown=./infinilm-svc.pyz
+echo "Open the console:  $pyz_shown console --registry http://$S1:$REGISTRY_PORT"
 echo "Stop everything:   $stop_cmd"
 exit $rc
