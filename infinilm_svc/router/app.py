@@ -19,6 +19,7 @@ from .health import Health
 from .proxy import Proxy
 from .stats import make_registry
 from .table import Table
+from .upstream import Pool
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
     app[SESSION] = session
-    app[PROXY].session = session
+    pool = Pool(config.connect_timeout, config.read_timeout)
+    app[PROXY].pool = pool
     tasks: list[asyncio.Task] = []
     registry = None
     record = None
@@ -107,6 +109,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await deregister(session, registry, record["name"])
         for b in app[TABLE].backends.values():
             app[HEALTH].forget(b)
+        pool.close()
         await session.close()
 
 

@@ -9,7 +9,6 @@ import random
 from itertools import count
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from ..config.router import RouterConfig
@@ -17,6 +16,7 @@ from ..errors import ApiError, error_body
 from .balancer import Route
 from .health import Health
 from .table import CLOSED, Backend, Table
+from .upstream import ConnectFailed, Pool, Response, UpstreamBroken, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("infinilm_svc.router.access")
@@ -103,10 +103,8 @@ class Proxy:
         self.config = config
         self.table = table
         self.health = health
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: Pool | None = None
         self.keys = frozenset(f"Bearer {k}" for k in config.api_keys) if config.api_keys else None
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout,
-                                             sock_read=config.read_timeout)
         self.attempts = config.retries + 1
         self.id_prefix = os.urandom(4).hex()
         self.ids = count(1)
@@ -181,8 +179,8 @@ class Proxy:
             v = rh.get(name)
             if v is not None:
                 headers[name] = v
-        session = self.session
-        assert session is not None
+        pool = self.pool
+        assert pool is not None
         method = request.method
         mstats.request_count += 1
         mstats.in_flight += 1
@@ -211,29 +209,22 @@ class Proxy:
                 resp = None
                 try:
                     try:
-                        resp = await session.request(
-                            method, b.url + path, data=body or None,
-                            headers={**headers, **b.auth_headers} if b.auth_headers else headers,
-                            timeout=self.timeout, allow_redirects=False)
-                    except asyncio.TimeoutError:
-                        raise Upstream("timeout", f"backend {b.name} timed out") from None
-                    except aiohttp.ClientConnectorError as exc:
-                        raise Upstream("connect", f"cannot connect to backend {b.name}: {exc.os_error}") from None
-                    except (aiohttp.ClientError, OSError) as exc:
-                        raise Upstream("upstream_io", f"backend {b.name}: {type(exc).__name__}: {exc}") from None
-                    status = resp.status
-                    ctype = resp.headers.get("Content-Type", "")
-                    if "text/event-stream" in ctype:
-                        out = await self._relay_stream(request, resp, b, mstats, rid, t0)
-                        ttfb = out[1]
-                        nbytes = out[2]
-                        return out[0]
-                    try:
+                        resp = await pool.request(
+                            b.url, method, path,
+                            {**headers, **b.auth_headers} if b.auth_headers else headers, body)
+                        status = resp.status
+                        if resp.streaming:
+                            out = await self._relay_stream(request, resp, b, mstats, rid, t0)
+                            ttfb = out[1]
+                            nbytes = out[2]
+                            return out[0]
                         payload = await resp.read()
-                    except asyncio.TimeoutError:
-                        raise Upstream("timeout", f"backend {b.name} timed out sending its answer") from None
-                    except (aiohttp.ClientError, OSError) as exc:
-                        raise Upstream("upstream_io", f"backend {b.name}: {type(exc).__name__}: {exc}") from None
+                    except UpstreamTimeout as exc:
+                        raise Upstream("timeout", f"backend {b.name}: {exc}") from None
+                    except ConnectFailed as exc:
+                        raise Upstream("connect", f"backend {b.name}: {exc}") from None
+                    except UpstreamBroken as exc:
+                        raise Upstream("upstream_io", f"backend {b.name}: {exc}") from None
                     ttfb = loop.time() - t0
                     nbytes = len(payload)
                     answer = web.Response(body=payload, status=status,
@@ -296,13 +287,13 @@ class Proxy:
                                 (loop.time() - t0) * 1000, f"{ttfb * 1000:.1f}" if ttfb is not None else "-",
                                 nbytes)
 
-    def _response_headers(self, resp: aiohttp.ClientResponse, rid: str, b: Backend) -> dict[str, str]:
-        out = {k: v for k, v in resp.headers.items() if k.lower() not in DROP_RESPONSE}
+    def _response_headers(self, resp: Response, rid: str, b: Backend) -> dict[str, str]:
+        out = {k: v for k, v in resp.headers if k.lower() not in DROP_RESPONSE}
         out["X-Request-ID"] = rid
         out["X-InfiniLM-Backend"] = b.name
         return out
 
-    async def _relay_stream(self, request: web.Request, resp: aiohttp.ClientResponse, b: Backend,
+    async def _relay_stream(self, request: web.Request, resp: Response, b: Backend,
                             mstats: Any, rid: str, t0: float) -> tuple[web.StreamResponse, float | None, int]:
         """Relay an SSE answer as it arrives; once headers are out there are no more retries."""
         loop = asyncio.get_running_loop()
@@ -321,13 +312,12 @@ class Proxy:
         ttfb = None
         nbytes = 0
         tail = b"\n\n"
-        content = resp.content
         try:
             while True:
                 try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream_broken"
+                    chunk = await resp.readany()
+                except (UpstreamBroken, UpstreamTimeout) as exc:
+                    kind = "timeout" if isinstance(exc, UpstreamTimeout) else "stream_broken"
                     msg = f"backend {b.name} failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")
                     bs.error(kind, msg, loop.time())
                     mstats.error(kind, msg, loop.time())

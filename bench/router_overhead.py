@@ -1,0 +1,276 @@
+"""Benchmark: the router's own CPU per proxied request and per streamed chunk, and its added latency.
+
+Runs every contender as a separate process in front of the same mock backends, drives the same load
+from a separate load-generator process, and reads the contender's utime+stime from /proc/<pid>/stat
+around the measured run. Contenders: infinilm-svc's router (access log on and off), vllm-router
+(if installed, e.g. `python -m venv /tmp/vr-venv && /tmp/vr-venv/bin/pip install vllm-router`), and
+a bare aiohttp ClientSession proxy (the floor for an aiohttp-based router). Prints numbers only.
+
+    .venv/bin/python bench/router_overhead.py [--requests 4000] [--concurrency 16] [--chunks 40]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+CHAT = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hello in one short sentence."}]}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up within {timeout}s")
+
+
+# ----------------------------------------------------------------------------- load generator
+async def _load(url: str, n: int, c: int, stream: bool) -> dict:
+    import aiohttp
+    body = json.dumps({**CHAT, "stream": stream}).encode()
+    headers = {"Content-Type": "application/json"}
+    lat: list[float] = []
+    errors = 0
+    chunks = 0
+    left = n
+    conn = aiohttp.TCPConnector(limit=c, force_close=False)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async def worker():
+            nonlocal left, errors, chunks
+            while left > 0:
+                left -= 1
+                t0 = time.perf_counter()
+                try:
+                    async with s.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                        if stream:
+                            async for _ in r.content:  # one iteration per line
+                                chunks += 1
+                        else:
+                            await r.read()
+                        if r.status != 200:
+                            errors += 1
+                except aiohttp.ClientError:
+                    errors += 1
+                lat.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(c)))
+        wall = time.perf_counter() - t0
+    lat.sort()
+    return {"n": n, "errors": errors, "wall": wall, "rps": n / wall, "p50_ms": lat[len(lat) // 2] * 1000,
+            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, "lines": chunks}
+
+
+def loadgen_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--url", required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--c", type=int, required=True)
+    p.add_argument("--stream", action="store_true")
+    a = p.parse_args(argv)
+    print(json.dumps(asyncio.run(_load(a.url, a.n, a.c, a.stream))))
+    return 0
+
+
+# ----------------------------------------------------------------------------- bare aiohttp proxy
+def bare_proxy_main(argv: list[str]) -> int:
+    """The simplest aiohttp proxy: one ClientSession, round robin, SSE relayed as it arrives."""
+    import itertools
+
+    import aiohttp
+    from aiohttp import web
+    port, backends = int(argv[0]), argv[1].split(",")
+    rr = itertools.cycle(backends)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        session = request.app["s"]
+        async with session.request(request.method, next(rr) + request.raw_path, data=body,
+                                   headers={"Content-Type": request.headers.get("Content-Type", "application/json")}) as r:
+            if r.headers.get("Content-Type", "").startswith("text/event-stream"):
+                out = web.StreamResponse(status=r.status, headers={"Content-Type": r.headers["Content-Type"]})
+                await out.prepare(request)
+                async for chunk in r.content.iter_any():
+                    await out.write(chunk)
+                await out.write_eof()
+                return out
+            return web.Response(body=await r.read(), status=r.status,
+                                headers={"Content-Type": r.headers.get("Content-Type", "application/json")})
+
+    async def ctx(app):
+        app["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await app["s"].close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(ctx)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+    return 0
+
+
+# ----------------------------------------------------------------------------- orchestration
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=kw.pop("stderr", subprocess.DEVNULL),
+                             start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            try:
+                self.stop(p)
+            except ProcessLookupError:
+                pass
+
+
+def run_load(url: str, n: int, c: int, stream: bool) -> dict:
+    args = [sys.executable, __file__, "loadgen", "--url", url, "--n", str(n), "--c", str(c)]
+    if stream:
+        args.append("--stream")
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def measure(pid: int | None, url: str, n: int, c: int, stream: bool) -> dict:
+    run_load(url, max(200, n // 10), c, stream)  # warm-up: connections, caches
+    before = cpu_seconds(pid) if pid else 0.0
+    res = run_load(url, n, c, stream)
+    res["cpu_s"] = (cpu_seconds(pid) - before) if pid else 0.0
+    res["cpu_us_per_req"] = res["cpu_s"] / n * 1e6
+    return res
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "loadgen":
+        return loadgen_main(argv[1:])
+    if argv and argv[0] == "bare-proxy":
+        return bare_proxy_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--chunks", type=int, default=40, help="content chunks per streamed answer")
+    p.add_argument("--backends", type=int, default=2)
+    p.add_argument("--vllm-router", default=shutil.which("vllm-router") or "/tmp/vr-venv/bin/vllm-router")
+    a = p.parse_args(argv)
+    procs = Procs()
+    tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))
+    try:
+        backends = []
+        for i in range(a.backends):
+            port = free_port()
+            procs.start([sys.executable, "-m", "infinilm_svc", "mock", "--name", f"b{i}", "--port", str(port),
+                         "--host", HOST, "--models", "bench-model", "--chunks", str(a.chunks)], cwd=ROOT)
+            backends.append(f"http://{HOST}:{port}")
+        for b in backends:
+            wait_http(b + "/health")
+        static = tmp / "services.json"
+        static.write_text(json.dumps({"services": [
+            {"name": f"b{i}", "host": HOST, "port": int(u.rsplit(":", 1)[1]),
+             "metadata": {"type": "openai-api", "models": ["bench-model"]}} for i, u in enumerate(backends)]}))
+
+        contenders: list[tuple[str, list[str], int]] = []
+        for label, access in (("infinilm-svc router", "true"), ("infinilm-svc router, access log off", "false")):
+            port = free_port()
+            cfg = tmp / f"router-{access}.toml"
+            cfg.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nstatic_services = "{static}"\n'
+                           f"access_log = {access}\nhealth_interval = 5.0\n")
+            contenders.append((label, [sys.executable, "-m", "infinilm_svc", "--config", str(cfg),
+                                       "--log-level", "info"], port))
+        port = free_port()
+        contenders.append(("bare aiohttp proxy", [sys.executable, __file__, "bare-proxy", str(port),
+                                                  ",".join(backends)], port))
+        if os.path.exists(a.vllm_router):
+            port = free_port()
+            contenders.append(("vllm-router (Rust)", [a.vllm_router, "--host", HOST, "--port", str(port),
+                                                      "--policy", "round_robin", "--log-level", "warning",
+                                                      "--worker-urls", *backends], port))
+        else:
+            print(f"vllm-router not found at {a.vllm_router}: skipped")
+
+        print(f"backends: {a.backends} mocks; {a.requests} requests at concurrency {a.concurrency}; "
+              f"streams of {a.chunks} content chunks; {os.cpu_count()} CPUs\n")
+        direct = {
+            "plain": measure(None, backends[0], a.requests, a.concurrency, False),
+            "stream": measure(None, backends[0], a.requests // 4, a.concurrency, True),
+            "serial": measure(None, backends[0], 500, 1, False),
+        }
+        rows = []
+        for label, args, port in contenders:
+            proc = procs.start(args, cwd=ROOT, stderr=open(tmp / f"{port}.log", "wb"))
+            url = f"http://{HOST}:{port}"
+            try:
+                wait_http(url + "/health", 60)
+            except RuntimeError as exc:
+                print(f"{label}: did not start ({exc}); see {tmp / f'{port}.log'}")
+                procs.stop(proc)
+                continue
+            plain = measure(proc.pid, url, a.requests, a.concurrency, False)
+            stream = measure(proc.pid, url, a.requests // 4, a.concurrency, True)
+            serial = measure(proc.pid, url, 500, 1, False)
+            procs.stop(proc)
+            # Per chunk: the streamed request's CPU beyond a plain request's, over its SSE events.
+            events = a.chunks + 3  # role delta, content chunks, final chunk, [DONE]
+            per_chunk = max(0.0, stream["cpu_us_per_req"] - plain["cpu_us_per_req"]) / events
+            rows.append((label, plain, stream, serial, per_chunk))
+        print(f"{'contender':38} {'CPU µs/req':>10} {'CPU µs/chunk':>12} {'stream µs/req':>13} "
+              f"{'req/s':>8} {'p50 ms':>7} {'+lat p50 ms':>11} {'errors':>6}")
+        print(f"{'direct to backend':38} {'-':>10} {'-':>12} {'-':>13} {direct['plain']['rps']:8.0f} "
+              f"{direct['plain']['p50_ms']:7.2f} {'-':>11} {0:6d}")
+        for label, plain, stream, serial, per_chunk in rows:
+            added = serial["p50_ms"] - direct["serial"]["p50_ms"]
+            errs = plain["errors"] + stream["errors"] + serial["errors"]
+            print(f"{label:38} {plain['cpu_us_per_req']:10.1f} {per_chunk:12.2f} {stream['cpu_us_per_req']:13.1f} "
+                  f"{plain['rps']:8.0f} {plain['p50_ms']:7.2f} {added:11.3f} {errs:6d}")
+        print("\nCPU = router process utime+stime over the measured run / requests. +lat = median latency of "
+              "sequential requests through the router minus direct.")
+    finally:
+        procs.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
