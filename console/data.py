@@ -344,12 +344,6 @@ class Babysitters:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    async def tail(self, url: str, n: int = 100) -> list[LogLine]:
-        timeout = aiohttp.ClientTimeout(total=5)
-        async with self.session.get(url.rstrip("/") + "/logs", params={"tail": str(n)}, timeout=timeout) as resp:
-            body = await resp.json(content_type=None)
-        return [_log_line(d) for d in (body or {}).get("lines", []) if isinstance(d, dict)]
-
     async def follow(self, url: str, tail: int = 100) -> AsyncIterator[LogLine]:
         """Lines from `GET /logs?follow=1` as they arrive; ends when the stream closes."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
