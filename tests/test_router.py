@@ -221,3 +221,52 @@ async def test_registry_unreachable_keeps_last_table(aiohttp_server):
     finally:
         await d.close()
 
+
+
+async def test_503_from_a_backend_is_retried_on_another(dep, aiohttp_server):
+    """A backend answering 503 before any byte reached the client: the client gets another's answer."""
+    from aiohttp import web
+
+    from conftest import free_port
+    from test_router_harness import HOST
+
+    async def overloaded(request):
+        return web.json_response({"error": {"message": "busy"}}, status=503)
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", overloaded)
+    port = free_port()
+    await aiohttp_server(app, host=HOST, port=port)
+    await dep.register("busy", port, ["m"])
+    await dep.start_mock("ok", ["m"])
+    await dep.start_router(policy="round_robin", retries=1, eject_cooldown=30)
+    await dep.wait_routable(2)
+    assert [await dep.chat("m") for _ in range(4)] == ["ok"] * 4
+    _, stats, _ = await dep.get("/stats")
+    busy = [s for s in stats["services"] if s["name"] == "busy"][0]
+    assert busy["errors"].get("http_503", 0) >= 1
+
+
+async def test_max_in_flight_queues_then_answers_429(dep):
+    """One slot per backend and a queue of one: the third concurrent request is refused with 429."""
+    await dep.start_mock("slow", ["m"], latency=0.5)
+    await dep.start_router(max_in_flight=1, queue_size=1, queue_timeout=5)
+    await dep.wait_routable(1)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    results = await asyncio.gather(*(dep.post("/v1/chat/completions", body) for _ in range(3)))
+    statuses = sorted(r[0] for r in results)
+    assert statuses == [200, 200, 429], statuses
+    refused = [r for r in results if r[0] == 429][0]
+    assert refused[2].get("Retry-After") and refused[1]["error"]["code"] == "queue_full"
+
+
+async def test_access_log_has_one_line_per_request(dep, caplog):
+    import logging
+    await dep.start_mock("a", ["m"])
+    await dep.start_router(access_log=True)
+    await dep.wait_routable(1)
+    with caplog.at_level(logging.INFO, logger="infinilm_svc.router.access"):
+        status, _, _ = await dep.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                                      headers={"X-Request-ID": "req-7"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "infinilm_svc.router.access"]
+    assert status == 200 and len(lines) == 1
+    assert "id=req-7" in lines[0] and "model=m" in lines[0] and "backend=a" in lines[0] and "status=200" in lines[0]

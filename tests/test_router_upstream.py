@@ -1,0 +1,125 @@
+"""The router's pooled HTTP/1.1 client against raw TCP servers that answer in awkward ways."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from infinilm_svc.router.upstream import ConnectFailed, Pool, UpstreamBroken, UpstreamTimeout
+from conftest import free_port
+
+
+async def raw_server(answers: list[bytes | None], conns: list | None = None):
+    """A server that reads one request head per answer and writes the answer bytes (None = close)."""
+    queue = list(answers)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if conns is not None:
+            conns.append(writer)
+        try:
+            while queue:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if length:
+                    await reader.readexactly(length)
+                ans = queue.pop(0)
+                if ans is None:
+                    writer.close()
+                    return
+                for piece in ans if isinstance(ans, list) else [ans]:
+                    if piece is None:  # close mid-answer
+                        writer.close()
+                        return
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+    port = free_port()
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def test_content_length_body_and_keep_alive_reuse():
+    conns: list = []
+    server, url = await raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+                                    b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nbye"], conns)
+    pool = Pool(2.0, 5.0)
+    try:
+        r = await pool.request(url, "POST", "/x", {"Content-Type": "application/json"}, b"{}")
+        assert r.status == 200 and ("X-A", "1") in r.headers
+        assert await r.read() == b"hello"
+        r = await pool.request(url, "GET", "/y", {}, b"")
+        assert r.status == 201 and await r.read() == b"bye"
+        assert len(conns) == 1, "the second request should reuse the keep-alive connection"
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_chunked_stream_pieces_arrive_before_the_end():
+    parts = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"7\r\ndata: 1\r\n", b"7\r\ndata: 2\r\n", b"0\r\n\r\n"]
+    server, url = await raw_server([parts])
+    pool = Pool(2.0, 5.0)
+    try:
+        r = await pool.request(url, "POST", "/s", {}, b"{}")
+        assert r.streaming
+        got = []
+        while (piece := await r.readany()):
+            got.append(piece)
+        assert b"".join(got) == b"data: 1data: 2" and len(got) >= 2
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_body_until_close_and_broken_stream():
+    server, url = await raw_server([[b"HTTP/1.0 200 OK\r\n\r\nall of it", None]])
+    pool = Pool(2.0, 5.0)
+    try:
+        r = await pool.request(url, "GET", "/", {}, b"")
+        assert await r.read() == b"all of it"
+    finally:
+        server.close()
+    parts = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n7\r\ndata: 1\r\n",
+             None]
+    server, url = await raw_server([parts])
+    try:
+        r = await pool.request(url, "POST", "/s", {}, b"")
+        with pytest.raises(UpstreamBroken):
+            while await r.readany():
+                pass
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_stale_keep_alive_connection_is_retried_on_a_fresh_one():
+    server, url = await raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", None,
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+    pool = Pool(2.0, 5.0)
+    try:
+        assert await (await pool.request(url, "GET", "/", {}, b"")).read() == b"ok"
+        # The server closes the idle connection on the next request; the pool retries once.
+        assert await (await pool.request(url, "GET", "/", {}, b"")).read() == b"ok"
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_connect_failure_and_read_timeout():
+    pool = Pool(1.0, 0.3)
+    try:
+        with pytest.raises(ConnectFailed):
+            await pool.request(f"http://127.0.0.1:{free_port()}", "GET", "/", {}, b"")
+        server, url = await raw_server([[b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"], None])
+        r = await pool.request(url, "GET", "/", {}, b"")
+        with pytest.raises(UpstreamTimeout):
+            await r.read()
+        server.close()
+    finally:
+        pool.close()
