@@ -34,7 +34,7 @@ class Status:
             if self.stale_for is not None:
                 msg += f" · [b]STALE[/b] data from {self.stale_for:.0f}s ago"
             parts.append(msg)
-        parts.append(f"{self.services} services · {self.routers} routers")
+        parts.append(f"{self.services} services · {self.routers} router{'' if self.routers == 1 else 's'}")
         if self.router_errors:
             parts.append(f"{self.router_errors} router(s) not answering")
         parts.append("[b]PAUSED[/b]" if self.paused else f"every {self.interval:g}s")
