@@ -194,6 +194,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--chunks", type=int, default=40, help="content chunks per streamed answer")
     p.add_argument("--backends", type=int, default=2)
+    p.add_argument("--uvloop-python", default=None, metavar="PYTHON",
+                   help="also run our router under uvloop with this interpreter (needs aiohttp, prometheus_client, uvloop)")
     p.add_argument("--vllm-router", default=shutil.which("vllm-router") or "/tmp/vr-venv/bin/vllm-router")
     a = p.parse_args(argv)
     procs = Procs()
@@ -220,6 +222,14 @@ def main(argv: list[str]) -> int:
                            f"access_log = {access}\nhealth_interval = 5.0\n")
             contenders.append((label, [sys.executable, "-m", "infinilm_svc", "--config", str(cfg),
                                        "--log-level", "info"], port))
+        if a.uvloop_python:
+            port = free_port()
+            cfg = tmp / "router-uvloop.toml"
+            cfg.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nstatic_services = "{static}"\n'
+                           "access_log = false\nhealth_interval = 5.0\n")
+            code = ("import sys, uvloop; uvloop.install(); from infinilm_svc.cli import main; "
+                    f"sys.exit(main(['--config', {str(cfg)!r}]))")
+            contenders.append(("infinilm-svc router, log off, uvloop", [a.uvloop_python, "-c", code], port))
         port = free_port()
         contenders.append(("bare aiohttp proxy", [sys.executable, __file__, "bare-proxy", str(port),
                                                   ",".join(backends)], port))
@@ -240,7 +250,8 @@ def main(argv: list[str]) -> int:
         }
         rows = []
         for label, args, port in contenders:
-            proc = procs.start(args, cwd=ROOT, stderr=open(tmp / f"{port}.log", "wb"))
+            proc = procs.start(args, cwd=ROOT, stderr=open(tmp / f"{port}.log", "wb"),
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
             url = f"http://{HOST}:{port}"
             try:
                 wait_http(url + "/health", 60)

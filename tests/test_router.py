@@ -270,3 +270,15 @@ async def test_access_log_has_one_line_per_request(dep, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "infinilm_svc.router.access"]
     assert status == 200 and len(lines) == 1
     assert "id=req-7" in lines[0] and "model=m" in lines[0] and "backend=a" in lines[0] and "status=200" in lines[0]
+
+
+async def test_when_every_backend_is_ejected_they_are_still_tried(dep):
+    """Panic mode: the circuit breaker never turns a model's only backend into a router-made 503."""
+    await dep.start_mock("flaky", ["m"], fail_rate=1.0)
+    await dep.start_router(eject_cooldown=30)
+    await dep.wait_routable(1)
+    for _ in range(3):
+        status, data, _ = await dep.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        assert status == 500 and "injected failure on flaky" in data["error"]["message"]
+    _, stats, _ = await dep.get("/stats")
+    assert stats["services"][0]["circuit"] == "open"

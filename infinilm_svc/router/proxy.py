@@ -32,6 +32,7 @@ DROP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "pr
                            "server"})
 RETRY_STATUSES = frozenset({502, 503, 504})
 _INFO = logging.INFO
+_ACCESS_FMT = "id=%s model=%s backend=%s status=%s latency_ms=%.1f ttfb_ms=%s bytes=%d"
 
 
 def message_text(data: dict) -> str | None:
@@ -110,7 +111,7 @@ class Proxy:
         self.ids = count(1)
         self.threshold = config.cache_type_threshold
         self.session_header = config.session_header
-        self.loop_time = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def check_key(self, request: web.Request) -> None:
         if self.keys is not None and request.headers.get("Authorization") not in self.keys:
@@ -119,7 +120,9 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every proxied path: route by model and policy, forward, relay."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
         t0 = loop.time()
         if self.keys is not None:
             self.check_key(request)
@@ -282,10 +285,11 @@ class Proxy:
         finally:
             mstats.in_flight -= 1
             if self.config.access_log and access_log.isEnabledFor(_INFO):
-                access_log.info("id=%s model=%s backend=%s status=%s latency_ms=%.1f ttfb_ms=%s bytes=%d",
-                                rid, model or "-", b.name if b else "-", status or "-",
-                                (loop.time() - t0) * 1000, f"{ttfb * 1000:.1f}" if ttfb is not None else "-",
-                                nbytes)
+                # A record built directly: no caller lookup, formatting only if a handler emits it.
+                access_log.handle(logging.LogRecord(
+                    access_log.name, _INFO, __file__, 0, _ACCESS_FMT,
+                    (rid, model or "-", b.name if b else "-", status or "-", (loop.time() - t0) * 1000,
+                     f"{ttfb * 1000:.1f}" if ttfb is not None else "-", nbytes), None))
 
     def _response_headers(self, resp: Response, rid: str, b: Backend) -> dict[str, str]:
         out = {k: v for k, v in resp.headers if k.lower() not in DROP_RESPONSE}

@@ -110,10 +110,15 @@ class Table:
         pooled: set[str] = set()
         seen_models: dict[str, dict] = {}
         count = 0
+        ejected: dict[str, list[Backend]] = {}   # eligible but circuit open: the panic fallback
         for b in self.backends.values():
-            b.routable = b.registry_healthy and b.active_ok and b.circuit != OPEN
+            eligible = b.registry_healthy and b.active_ok
+            b.routable = eligible and b.circuit != OPEN
             known.update(b.models)
             if not b.routable:
+                if eligible:
+                    for m in ("", *b.models):
+                        ejected.setdefault(m, []).append(b)
                 continue
             count += 1
             by_model[""].append(b)
@@ -126,6 +131,11 @@ class Table:
                 mid = obj.get("id") if isinstance(obj, dict) else None
                 if isinstance(mid, str) and mid not in seen_models:
                     seen_models[mid] = obj
+        for m, fallback in ejected.items():
+            # Every eligible backend of a model ejected by the circuit breaker: rather than fail all
+            # requests for the cool-down, keep trying them (retries still move between them).
+            if not by_model.get(m):
+                by_model[m] = fallback
         for m in known:
             by_model.setdefault(m, [])
             self.model_stats.setdefault(m, Counters())
