@@ -132,7 +132,7 @@ class Proxy:
         path = request.raw_path
         data: Any = None
         model = ""
-        if body and (request.path in OPENAI_PATHS or "json" in request.content_type):
+        if body and (path.partition("?")[0] in OPENAI_PATHS or "json" in rh.get("Content-Type", "")):
             try:
                 data = json.loads(body)
             except (ValueError, UnicodeDecodeError) as exc:
