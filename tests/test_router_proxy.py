@@ -175,3 +175,30 @@ async def test_retry_on_503_goes_to_another_backend_and_circuit_ejects(dep, proc
 async def _chat_status(dep):
     status, data, _ = await dep.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
     return status, served_by(data) if status == 200 else data["error"]["message"]
+
+
+async def test_active_checks_take_a_dead_backend_out_and_bring_it_back(dep, procs):
+    """No traffic needed: 3 failed /health checks remove it, 2 good ones after a restart restore it."""
+    port, proc = await start_mock_process(dep, procs, "a", ["m"])
+    await dep.start_mock("b", ["m"])
+    await dep.start_router(health_interval=0.1)
+    await dep.wait_routable(2)
+    os.kill(proc.pid, signal.SIGKILL)
+    await dep.wait_routable(1, total=2)
+    _, services, _ = await dep.get("/services")
+    a = [s for s in services["services"] if s["name"] == "a"][0]
+    assert a["active_healthy"] is False and a["registry_healthy"] is True and a["circuit"] == "closed"
+    procs.start(mock_command("a", port, ["m"]), name="a-again")
+    await dep.wait_routable(2)
+    assert {await dep.chat("m") for _ in range(4)} == {"a", "b"}
+
+
+async def test_timeout_is_retried_elsewhere_when_configured(dep):
+    await dep.start_mock("hung", ["m"], hang_after=0)
+    await dep.start_mock("ok", ["m"])
+    await dep.start_router(policy="round_robin", read_timeout=0.3, retry_on_timeout=True, health_interval=60)
+    await dep.wait_routable(2)
+    assert [await dep.chat("m") for _ in range(2)] == ["ok", "ok"]
+    _, stats, _ = await dep.get("/stats")
+    hung = [s for s in stats["services"] if s["name"] == "hung"][0]
+    assert hung["errors"].get("timeout") == 1 and hung["circuit"] == "open"
