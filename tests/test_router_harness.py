@@ -55,7 +55,8 @@ class Deployment:
 
     def __init__(self, aiohttp_server) -> None:
         self.aiohttp_server = aiohttp_server
-        self.session = aiohttp.ClientSession()
+        # A bounded client timeout turns a hang into a clear failure (well under pytest's own timeout).
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
         self.registry_url = ""
         self.registry: RegistryClient | None = None
         self.registry_server = None

@@ -123,3 +123,20 @@ async def test_connect_failure_and_read_timeout():
         server.close()
     finally:
         pool.close()
+
+
+async def test_chunk_data_and_its_crlf_split_across_reads():
+    """A chunk whose data ends exactly at a read boundary, its CRLF arriving with the next chunk."""
+    parts = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"7\r\ndata: 1", b"\r\n", b"7\r\nda", b"ta: 2\r", b"\n0\r\n\r\n"]
+    server, url = await raw_server([parts])
+    pool = Pool(2.0, 5.0)
+    try:
+        r = await pool.request(url, "POST", "/s", {}, b"{}")
+        got = []
+        while (piece := await r.readany()):
+            got.append(piece)
+        assert b"".join(got) == b"data: 1data: 2" and b"" not in got
+    finally:
+        pool.close()
+        server.close()

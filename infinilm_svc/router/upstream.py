@@ -144,20 +144,25 @@ class _Conn(asyncio.Protocol):
                     self.state = 4
             elif st == 3:
                 rem = self.remaining
-                if len(buf) < rem + 2:
-                    if len(buf) > rem:
+                if rem:
+                    if len(buf) <= rem:          # part (or all) of the chunk's data: hand it on now
+                        if buf:
+                            piece = bytes(buf)
+                            buf.clear()
+                            self.remaining = rem - len(piece)
+                            self._add(piece)
+                            self._wake_body()
                         return
-                    if buf:                      # a partial chunk: hand it on now (streaming)
-                        piece = bytes(buf)
-                        buf.clear()
-                        self.remaining = rem - len(piece)
-                        self._add(piece)
-                        self._wake_body()
+                    self._add(bytes(buf[:rem]))
+                    del buf[:rem]
+                    self.remaining = 0
+                    self._wake_body()
+                if len(buf) < 2:                 # the CRLF that ends the chunk
                     return
-                self._add(bytes(buf[:rem]))
-                del buf[:rem + 2]
+                if buf[:2] != b"\r\n":
+                    raise UpstreamBroken("chunk not followed by CRLF")
+                del buf[:2]
                 self.state = 2
-                self._wake_body()
             elif st == 4:
                 end = buf.find(b"\r\n")
                 if end < 0:
