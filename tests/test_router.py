@@ -127,8 +127,10 @@ async def test_error_answers(dep):
     await dep.register("sleepy", 9, ["starting-model"], status="starting")
     await dep.start_router(max_body=4096)
     await dep.wait_routable(1, total=2)
-    status, data, _ = await dep.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    status, data, headers = await dep.post("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+                                           headers={"X-Request-ID": "r-404"})
     assert status == 404 and data["error"]["code"] == "model_not_found"
+    assert headers["X-Request-ID"] == "r-404"
     status, data, headers = await dep.post("/v1/chat/completions",
                                            {"model": "starting-model", "messages": [{"role": "user", "content": "x"}]})
     assert status == 503 and headers.get("Retry-After"), (status, data)
@@ -137,7 +139,7 @@ async def test_error_answers(dep):
     assert status == 400 and data["error"]["code"] == "invalid_json"
     status, data, _ = await dep.post("/v1/chat/completions",
                                      {"model": "m", "messages": [{"role": "user", "content": "y" * 8000}]})
-    assert status == 413 and "error" in data
+    assert status == 413 and data["error"]["code"] == "body_too_large"
 
 
 async def test_api_keys_required_and_not_forwarded(dep):

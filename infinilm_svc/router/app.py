@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from typing import AsyncIterator
 
@@ -34,7 +35,6 @@ _JSON = "application/json"
 
 
 def _json(data: object) -> web.Response:
-    import json
     return web.Response(text=json.dumps(data), content_type=_JSON)
 
 
@@ -106,7 +106,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             await _cancel(task)
         if registry is not None and record is not None:
-            await deregister(session, registry, record["name"])
+            await deregister(registry, record["name"])
         for b in app[TABLE].backends.values():
             app[HEALTH].forget(b)
         pool.close()

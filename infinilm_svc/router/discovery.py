@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import aiohttp
-
 from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 from ..config.router import RouterConfig
 from .health import Health
@@ -172,7 +170,8 @@ async def keep_registered(client: RegistryClient, record: dict, interval: float)
         await asyncio.sleep(interval)
 
 
-async def deregister(session: aiohttp.ClientSession, client: RegistryClient, name: str) -> None:
+async def deregister(client: RegistryClient, name: str) -> None:
+    """Remove the router's record on shutdown (best effort, bounded)."""
     try:
         await asyncio.wait_for(client.deregister(name), 2.0)
     except (RegistryUnavailable, RegistryRejected, asyncio.TimeoutError):

@@ -120,6 +120,18 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every proxied path: route by model and policy, forward, relay."""
+        rid = request.headers.get("X-Request-ID") or f"{self.id_prefix}-{next(self.ids):x}"
+        try:
+            return await self._forward(request, rid)
+        except ApiError as exc:
+            # The router's own error answers carry the request id too.
+            exc.headers = {**exc.headers, "X-Request-ID": rid} if exc.headers else {"X-Request-ID": rid}
+            raise
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(413, f"request body too large (limit {self.config.max_body} bytes)",
+                           code="body_too_large", headers={"X-Request-ID": rid}) from None
+
+    async def _forward(self, request: web.Request, rid: str) -> web.StreamResponse:
         loop = self.loop
         if loop is None:
             loop = self.loop = asyncio.get_running_loop()
@@ -127,7 +139,6 @@ class Proxy:
         if self.keys is not None:
             self.check_key(request)
         rh = request.headers
-        rid = rh.get("X-Request-ID") or f"{self.id_prefix}-{next(self.ids):x}"
         body = await request.read() if request.body_exists else b""
         path = request.raw_path
         data: Any = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl as ssl_module
-from typing import Any
 from urllib.parse import urlsplit
 
 _HIGH_WATER = 1 << 20     # buffered stream bytes before we stop reading from the backend
@@ -428,4 +427,4 @@ class Pool:
         self.idle.clear()
 
 
-__all__ = ["Pool", "Response", "ConnectFailed", "UpstreamTimeout", "UpstreamBroken", "Any"]
+__all__ = ["Pool", "Response", "ConnectFailed", "UpstreamTimeout", "UpstreamBroken"]
