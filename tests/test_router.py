@@ -195,6 +195,12 @@ async def test_local_endpoints_and_self_registration(dep):
     assert svc["name"] == "a" and svc["request_count"] == 3 and svc["in_flight"] == 0
     assert svc["latency_ms"]["p50"] is not None and svc["tokens"]["completion"] > 0
     assert stats["models"]["m"]["request_count"] == 3
+    before = svc["tokens"]["completion"]
+    async with dep.session.post(dep.router_url + "/v1/chat/completions",
+                                json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+        assert b"[DONE]" in await r.read()
+    _, stats, _ = await dep.get("/stats")
+    assert stats["services"][0]["tokens"]["completion"] > before, "usage in a streamed chunk is counted"
     status, services, _ = await dep.get("/services")
     assert services["total"] == 1 and services["services"][0]["url"].startswith("http://127.0.0.1:")
     async with dep.session.get(dep.router_url + "/metrics") as r:

@@ -15,6 +15,7 @@ from ..config.router import RouterConfig
 from ..errors import ApiError, error_body
 from .balancer import Route
 from .health import Health
+from .stats import usage_of
 from .table import CLOSED, Backend, Table
 from .upstream import ConnectFailed, Pool, Response, UpstreamBroken, UpstreamTimeout
 
@@ -253,9 +254,11 @@ class Proxy:
                     else:
                         if b.circuit_failures or b.circuit is not CLOSED:
                             self.health.record_success(b)
-                        if payload and mstats is not None:
-                            bs.tokens_from(payload)
-                            mstats.tokens_from(payload)
+                        if payload:
+                            usage = usage_of(payload)
+                            if usage is not None:
+                                bs.add_tokens(usage)
+                                mstats.add_tokens(usage)
                     bs.latency.add(ttfb)
                     bs.ttft.add(ttfb)
                     mstats.latency.add(ttfb)
@@ -366,8 +369,9 @@ class Proxy:
                 nbytes += len(chunk)
                 tail = chunk
                 if b'"usage"' in chunk:
-                    bs.tokens_from(chunk)
-                    mstats.tokens_from(chunk)
+                    usage = usage_of(chunk)
+                    bs.add_tokens(usage)
+                    mstats.add_tokens(usage)
         except asyncio.CancelledError:
             # The server cancels the handler when the client goes away (handler_cancellation).
             bs.error("client_disconnect", "client went away mid-stream", loop.time())

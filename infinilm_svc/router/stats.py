@@ -20,6 +20,17 @@ _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
+def usage_of(data: bytes) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of an OpenAI `usage` object found in `data`, if any."""
+    if b'"usage"' not in data:
+        return None
+    m = _PROMPT.search(data)
+    c = _COMPLETION.search(data)
+    if m is None and c is None:
+        return None
+    return (int(m.group(1)) if m else 0, int(c.group(1)) if c else 0)
+
+
 class Samples:
     """The last _WINDOW observations (for percentiles) plus cumulative histogram buckets."""
 
@@ -80,16 +91,10 @@ class Counters:
         self.last_error = f"{kind}: {message}"
         self.last_error_at = now
 
-    def tokens_from(self, data: bytes) -> None:
-        """Add the token counts of an OpenAI `usage` object found in `data`, if any."""
-        if b'"usage"' not in data:
-            return
-        m = _PROMPT.search(data)
-        if m:
-            self.prompt_tokens += int(m.group(1))
-        m = _COMPLETION.search(data)
-        if m:
-            self.completion_tokens += int(m.group(1))
+    def add_tokens(self, usage: tuple[int, int] | None) -> None:
+        if usage is not None:
+            self.prompt_tokens += usage[0]
+            self.completion_tokens += usage[1]
 
     def to_json(self) -> dict[str, Any]:
         return {
