@@ -205,7 +205,7 @@ async def test_local_endpoints_and_self_registration(dep):
     assert services["total"] == 1 and services["services"][0]["url"].startswith("http://127.0.0.1:")
     async with dep.session.get(dep.router_url + "/metrics") as r:
         text = await r.text()
-    assert 'infinilm_router_backend_requests_total{backend="a"} 3.0' in text
+    assert 'infinilm_router_backend_requests_total{backend="a"} 4.0' in text
     records, _ = await dep.registry.services()
     routers = [r for r in records if r["metadata"].get("type") == "router"]
     assert routers and routers[0]["metadata"]["url"] == dep.router_url
