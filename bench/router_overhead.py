@@ -193,7 +193,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--chunks", type=int, default=40, help="content chunks per streamed answer")
+    p.add_argument("--chunk-interval", type=float, default=0.002,
+                   help="seconds between streamed chunks at the mock, so each SSE event is its own read")
     p.add_argument("--backends", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
     p.add_argument("--uvloop-python", default=None, metavar="PYTHON",
                    help="also run our router under uvloop with this interpreter (needs aiohttp, prometheus_client, uvloop)")
     p.add_argument("--vllm-router", default=shutil.which("vllm-router") or "/tmp/vr-venv/bin/vllm-router")
@@ -201,14 +204,17 @@ def main(argv: list[str]) -> int:
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))
     try:
-        backends = []
-        for i in range(a.backends):
-            port = free_port()
-            procs.start([sys.executable, "-m", "infinilm_svc", "mock", "--name", f"b{i}", "--port", str(port),
-                         "--host", HOST, "--models", "bench-model", "--chunks", str(a.chunks)], cwd=ROOT)
-            backends.append(f"http://{HOST}:{port}")
-        for b in backends:
-            wait_http(b + "/health")
+        ports = [free_port() for _ in range(a.backends)]
+        backends = [f"http://{HOST}:{p}" for p in ports]
+
+        def start_mocks(interval: float) -> list[subprocess.Popen]:
+            out = [procs.start([sys.executable, "-m", "infinilm_svc", "mock", "--name", f"b{i}", "--port", str(p),
+                                "--host", HOST, "--models", "bench-model", "--chunks", str(a.chunks),
+                                "--chunk-interval", str(interval)], cwd=ROOT) for i, p in enumerate(ports)]
+            for b in backends:
+                wait_http(b + "/health")
+            return out
+        mocks = start_mocks(0.0)
         static = tmp / "services.json"
         static.write_text(json.dumps({"services": [
             {"name": f"b{i}", "host": HOST, "port": int(u.rsplit(":", 1)[1]),
@@ -242,13 +248,12 @@ def main(argv: list[str]) -> int:
             print(f"vllm-router not found at {a.vllm_router}: skipped")
 
         print(f"backends: {a.backends} mocks; {a.requests} requests at concurrency {a.concurrency}; "
-              f"streams of {a.chunks} content chunks; {os.cpu_count()} CPUs\n")
+              f"streams of {a.chunks} content chunks {a.chunk_interval * 1000:g} ms apart; {a.rounds} rounds (medians); {os.cpu_count()} CPUs\n")
         direct = {
             "plain": measure(None, backends[0], a.requests, a.concurrency, False),
-            "stream": measure(None, backends[0], a.requests // 4, a.concurrency, True),
-            "serial": measure(None, backends[0], 500, 1, False),
+            "serial": measure(None, backends[0], 300, 1, False),
         }
-        rows = []
+        running = []
         for label, args, port in contenders:
             proc = procs.start(args, cwd=ROOT, stderr=open(tmp / f"{port}.log", "wb"),
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -259,13 +264,35 @@ def main(argv: list[str]) -> int:
                 print(f"{label}: did not start ({exc}); see {tmp / f'{port}.log'}")
                 procs.stop(proc)
                 continue
-            plain = measure(proc.pid, url, a.requests, a.concurrency, False)
-            stream = measure(proc.pid, url, a.requests // 4, a.concurrency, True)
-            serial = measure(proc.pid, url, 500, 1, False)
-            procs.stop(proc)
+            running.append((label, proc, url))
+        # Rounds interleave the contenders so that noise from other load on the machine spreads
+        # over all of them; each figure is the median over the rounds.
+        results: dict[str, list] = {label: [] for label, _, _ in running}
+        for _ in range(a.rounds):
+            for label, proc, url in running:
+                plain = measure(proc.pid, url, a.requests, a.concurrency, False)
+                serial = measure(proc.pid, url, 300, 1, False)
+                results[label].append([plain, None, serial])
+        # Streams: the same mocks restarted on the same ports with a pause between chunks, so each
+        # SSE event reaches the router as its own read (as tokens do from a real backend).
+        for m in mocks:
+            procs.stop(m)
+        mocks = start_mocks(a.chunk_interval)
+        for i in range(a.rounds):
+            for label, proc, url in running:
+                results[label][i][1] = measure(proc.pid, url, a.requests // 8, a.concurrency, True)
+        med = statistics.median
+        events = a.chunks + 3  # role delta, content chunks, final chunk, [DONE]
+        rows = []
+        for label, runs in results.items():
+            plain = {k: med(r[0][k] for r in runs) for k in ("cpu_us_per_req", "rps", "p50_ms", "errors")}
+            stream = {k: med(r[1][k] for r in runs) for k in ("cpu_us_per_req", "errors")}
+            serial = {k: med(r[2][k] for r in runs) for k in ("p50_ms", "errors")}
             # Per chunk: the streamed request's CPU beyond a plain request's, over its SSE events.
-            events = a.chunks + 3  # role delta, content chunks, final chunk, [DONE]
             per_chunk = max(0.0, stream["cpu_us_per_req"] - plain["cpu_us_per_req"]) / events
+            plain["errors"] = sum(r[0]["errors"] for r in runs)
+            stream["errors"] = sum(r[1]["errors"] for r in runs)
+            serial["errors"] = sum(r[2]["errors"] for r in runs)
             rows.append((label, plain, stream, serial, per_chunk))
         print(f"{'contender':38} {'CPU µs/req':>10} {'CPU µs/chunk':>12} {'stream µs/req':>13} "
               f"{'req/s':>8} {'p50 ms':>7} {'+lat p50 ms':>11} {'errors':>6}")
@@ -273,11 +300,11 @@ def main(argv: list[str]) -> int:
               f"{direct['plain']['p50_ms']:7.2f} {'-':>11} {0:6d}")
         for label, plain, stream, serial, per_chunk in rows:
             added = serial["p50_ms"] - direct["serial"]["p50_ms"]
-            errs = plain["errors"] + stream["errors"] + serial["errors"]
+            errs = int(plain["errors"] + stream["errors"] + serial["errors"])
             print(f"{label:38} {plain['cpu_us_per_req']:10.1f} {per_chunk:12.2f} {stream['cpu_us_per_req']:13.1f} "
                   f"{plain['rps']:8.0f} {plain['p50_ms']:7.2f} {added:11.3f} {errs:6d}")
         print("\nCPU = router process utime+stime over the measured run / requests. +lat = median latency of "
-              "sequential requests through the router minus direct.")
+              "sequential requests through the router minus direct. Medians over the rounds.")
     finally:
         procs.stop_all()
     return 0

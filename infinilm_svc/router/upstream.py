@@ -78,6 +78,17 @@ class _Conn(asyncio.Protocol):
                     self.state = 6
                 self._wake_body()
                 return
+        elif self.state == 2 and not self.buf:  # fast path: exactly one whole chunk (an SSE event)
+            i = data.find(b"\r\n")
+            if 0 < i < 10:
+                try:
+                    size = int(data[:i], 16)
+                except ValueError:
+                    size = 0
+                if size and len(data) == i + size + 4 and data[-2:] == b"\r\n":
+                    self._add(data[i + 2:i + 2 + size])
+                    self._wake_body()
+                    return
         self.buf += data
         try:
             self._parse()
@@ -231,7 +242,8 @@ class _Conn(asyncio.Protocol):
                 w.set_result(None)
 
     def _fail(self, exc: Exception) -> None:
-        self.error = exc
+        if self.error is None:
+            self.error = exc
         for name in ("head_waiter", "body_waiter"):
             w = getattr(self, name)
             if w is not None:
@@ -244,8 +256,31 @@ class _Conn(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self.disarm()
         if self.transport is not None:
             self.transport.abort()
+
+    # -- the idle (read) timeout: one watchdog per request, not one timer per read -----------
+    watchdog: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self.last_data = self.loop.time()
+        self.watchdog = self.loop.call_later(self.pool.read_timeout, self._watch)
+
+    def disarm(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
+
+    def _watch(self) -> None:
+        self.watchdog = None
+        timeout = self.pool.read_timeout
+        idle = self.loop.time() - self.last_data
+        if idle >= timeout:
+            self._fail(UpstreamTimeout(f"no data from the backend for {timeout:g}s"))
+            self.close()
+        else:
+            self.watchdog = self.loop.call_later(timeout - idle, self._watch)
 
 
 class Response:
@@ -269,11 +304,7 @@ class Response:
             raise c.error
         fut = c.loop.create_future()
         c.body_waiter = fut
-        timer = c.loop.call_later(self.pool.read_timeout, self.pool._check_idle, c, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
+        await fut
 
     async def read(self) -> bytes:
         """The whole body (for answers that are not streams)."""
@@ -345,6 +376,7 @@ class Pool:
         return t
 
     def _put(self, key: tuple, c: _Conn) -> None:
+        c.disarm()
         c._reset()
         c.reused = True
         c.idle_since = self.loop.time()
@@ -365,17 +397,6 @@ class Pool:
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         return conn
-
-    def _check_idle(self, c: _Conn, fut: asyncio.Future) -> None:
-        if fut.done():
-            return
-        idle = self.loop.time() - c.last_data
-        if idle >= self.read_timeout:
-            c.body_waiter = c.head_waiter = None
-            fut.set_exception(UpstreamTimeout(f"no data from the backend for {self.read_timeout:g}s"))
-            c.close()
-        else:
-            self.loop.call_later(self.read_timeout - idle, self._check_idle, c, fut)
 
     async def request(self, url: str, method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
         """Send one request and wait for the answer's status and headers (and the body, unless a stream)."""
@@ -398,10 +419,9 @@ class Pool:
             c.method_head = method == "HEAD"
             fut = self.loop.create_future()
             c.head_waiter = fut
-            c.last_data = now
             assert c.transport is not None
             c.transport.write(data)
-            timer = self.loop.call_later(self.read_timeout, self._check_idle, c, fut)
+            c.arm()
             try:
                 await fut
             except UpstreamBroken:
@@ -415,8 +435,6 @@ class Pool:
             except BaseException:
                 c.close()
                 raise
-            finally:
-                timer.cancel()
             return Response(c, self, key)
         raise UpstreamBroken("unreachable")  # pragma: no cover
 
