@@ -116,7 +116,7 @@ async def health(request: web.Request) -> web.Response:
         "status": "healthy",
         "registry": "running",
         "registered_services": len(table.records),
-        "healthy_services": len(table.select(healthy=True)),
+        "healthy_services": table.healthy_count(),
         "index": table.index,
         "timestamp": rfc3339(),
     }, index=table.index)

@@ -70,6 +70,10 @@ class ServiceTable:
         out["is_healthy"] = self.is_healthy(rec, now)
         return out
 
+    def healthy_count(self) -> int:
+        now = self.clock()
+        return sum(1 for rec in self.records.values() if self.is_healthy(rec, now))
+
     def select(self, *, status: str | None = None, healthy: bool | None = None) -> list[dict]:
         now = self.clock()
         out = []
