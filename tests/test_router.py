@@ -290,3 +290,18 @@ async def test_when_every_backend_is_ejected_they_are_still_tried(dep):
         assert status == 500 and "injected failure on flaky" in data["error"]["message"]
     _, stats, _ = await dep.get("/stats")
     assert stats["services"][0]["circuit"] == "open"
+
+
+async def test_wildcard_bind_registers_the_address_the_registry_saw(dep):
+    from infinilm_svc.router.discovery import router_record
+    from test_router_harness import router_config
+    cfg = router_config(dep.registry_url, bind="0.0.0.0")
+    rec = router_record(cfg)
+    assert rec["host"] == "0.0.0.0" and rec["metadata"]["url"] is None and not rec["name"].startswith("router-0.0.0.0")
+    await dep.start_router(bind="0.0.0.0", port=cfg.port, name="wild-router")
+
+    async def registered():
+        got = await dep.registry.get("wild-router")
+        return got if got and got["metadata"].get("url") else None
+    got = await async_wait_for(registered, what="the router's record with its URL")
+    assert got["metadata"]["url"] == f"http://127.0.0.1:{cfg.port}" and got["host"] == "127.0.0.1"

@@ -135,30 +135,49 @@ class Discovery:
                 await asyncio.sleep(min(1.0, self.config.watch_wait))
 
 
+WILDCARD = ("", "0.0.0.0", "::", "[::]")
+
+
 def router_record(config: RouterConfig) -> dict[str, Any]:
-    """The registry record of this router (metadata.type = "router")."""
+    """The registry record of this router (metadata.type = "router").
+
+    With a wildcard bind and no public_url the host is left to the registry, which records the
+    address the registration came from; the URL it stores is then copied into metadata.url.
+    """
     if config.public_url:
         url = config.public_url.rstrip("/")
         u = urlparse(url)
         host, port = u.hostname or config.bind, u.port or config.port
+        label = host
+    elif config.bind in WILDCARD:
+        host, port, url = "0.0.0.0", config.port, None
+        label = socket.gethostname()
     else:
-        host = config.bind if config.bind not in ("0.0.0.0", "::", "") else socket.gethostname()
-        port = config.port
+        host, port = config.bind, config.port
         url = f"http://{host}:{port}"
-    name = config.name or f"router-{host}-{port}"
-    return {"name": name, "host": host, "port": port, "hostname": host, "url": url, "status": "running",
-            "metadata": {"type": "router", "role": "router", "url": url, "policy": config.policy}}
+        label = host
+    record: dict[str, Any] = {
+        "name": config.name or f"router-{label}-{port}", "host": host, "port": port, "status": "running",
+        "metadata": {"type": "router", "role": "router", "url": url, "policy": config.policy}}
+    if url:
+        record["url"] = url
+        record["hostname"] = host
+    return record
 
 
 async def keep_registered(client: RegistryClient, record: dict, interval: float) -> None:
     """Register, then heartbeat every `interval`; re-register when the registry forgot us."""
     registered = False
+    meta = record["metadata"]
     while True:
         try:
             if not registered:
-                await client.register(record)
+                stored = await client.register(record)
                 registered = True
-                log.info("registered as %s in the registry", record["name"])
+                if meta.get("url") is None and isinstance(stored, dict) and stored.get("url"):
+                    meta["url"] = stored["url"]          # the address the registry saw us at
+                    await client.heartbeat(record["name"], status="running", metadata={"url": meta["url"]})
+                log.info("registered as %s in the registry (%s)", record["name"], meta.get("url"))
             elif not await client.heartbeat(record["name"], status="running"):
                 registered = False
                 continue
