@@ -263,6 +263,8 @@ class Proxy:
                     bs.ttft.add(ttfb)
                     mstats.latency.add(ttfb)
                     mstats.ttft.add(ttfb)
+                    if status >= 500:
+                        mstats.error(f"http_{status}", f"backend {b.name} answered {status}", loop.time())
                     return answer
                 except Upstream as exc:
                     failure = exc
@@ -279,6 +281,7 @@ class Proxy:
                         self.health.trial_abandoned(b)
             if fallback is not None:
                 status = fallback.status
+                mstats.error(f"http_{status}", "every backend tried answered 5xx", loop.time())
                 return fallback
             if failure is None:
                 status = 503
