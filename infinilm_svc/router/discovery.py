@@ -43,6 +43,12 @@ def load_static_services(path: str) -> list[dict]:
     return out
 
 
+def _routing_view(b: Backend) -> tuple:
+    """What routing depends on: a change here rebuilds the candidate lists."""
+    return (b.url, b.models, len(b.models_list), b.weight, b.cache_type, b.registry_healthy,
+            [m.get("id") for m in b.models_list])
+
+
 class Discovery:
     """Keeps the table in step with the registry (blocking queries) and the static file."""
 
@@ -55,6 +61,7 @@ class Discovery:
         """Merge records into the table; registry backends not in `records` are removed."""
         t = self.table
         seen = set()
+        changed = False
         for rec in records:
             meta = rec.get("metadata") or {}
             if not isinstance(meta, dict) or meta.get("type") != "openai-api":
@@ -64,12 +71,20 @@ class Discovery:
             b = t.backends.get(name)
             if b is None:
                 b = t.backends[name] = Backend(name)
+                changed = True
+                log.info("backend %s: added (%s)", name, rec.get("url") or rec.get("host"))
+            before = _routing_view(b)
             self._update(b, rec, meta, static)
+            if _routing_view(b) != before:
+                changed = True
         if not static:
             for name in [n for n, b in t.backends.items() if not b.static and n not in seen]:
                 self.health.forget(t.backends.pop(name))
+                changed = True
                 log.info("backend %s: removed (gone from the registry)", name)
-        t.rebuild()
+        # Heartbeats that change nothing routing depends on do not rebuild rings and lists.
+        if changed:
+            t.rebuild()
 
     def _update(self, b: Backend, rec: dict, meta: dict, static: bool) -> None:
         host = str(rec.get("host") or "127.0.0.1")
