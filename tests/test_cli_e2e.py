@@ -88,3 +88,18 @@ def test_a_taken_port_is_reported_and_exits_1(procs, pyz_path, tmp_path):
         cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\n')
         out = run_pyz("--config", str(cfg))
     assert out.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
+
+
+def test_json_log_format_writes_one_object_per_line(procs, pyz_path, tmp_path):
+    import json
+
+    port = free_port()
+    cfg = tmp_path / "registry.toml"
+    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\n')
+    proc = procs.pyz("--config", str(cfg), "--log-format", "json", name="registry")
+    wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=30, what="registry up")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    records = [json.loads(line) for line in procs.output(proc).splitlines() if line.strip()]
+    assert any(r["msg"].startswith("registry registry listening on") and r["level"] == "info" for r in records)
+    assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
