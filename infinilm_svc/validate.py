@@ -63,6 +63,7 @@ class ValidateOptions:
     expect_host_count: int = 2                # distinct hosts among the expected records
     lb_requests: int = 8                      # requests per model for the load-balancing check
     log_tail: int = 2000                      # lines read from each babysitter's /logs
+    log_wait: float = 5.0                     # how long a request may take to reach its backend's log
     chaos: bool = False
     chaos_service: str | None = None          # default: the last expected service that has a peer
     chaos_timeout: float = 30.0
@@ -513,15 +514,23 @@ async def check_logs(run: _Run) -> CheckResult:
         return CheckResult(8, name, False, "no request was answered by a known backend, nothing to trace")
     backends = sorted({s.backend for s in run.options.expect_services} | {a.served_by for a in traced}
                       | {str(r.get("name")) for r in run.backends()})
-    logs: dict[str, list[str]] = {}
-    problems: list[str] = []
-    for b in backends:
-        lines, err = await _read_logs(run, b)
-        if lines is None:
-            if b in {a.served_by for a in traced} or run.record(b) is not None:
-                problems.append(err or f"no log for {b}")
-        else:
-            logs[b] = lines
+    # A backend's stdout reaches its babysitter's log through a pipe, a moment after the answer:
+    # read again (up to log_wait) while some request is not yet in the log of its backend.
+    deadline = asyncio.get_running_loop().time() + run.options.log_wait
+    while True:
+        logs: dict[str, list[str]] = {}
+        problems: list[str] = []
+        for b in backends:
+            lines, err = await _read_logs(run, b)
+            if lines is None:
+                if b in {a.served_by for a in traced} or run.record(b) is not None:
+                    problems.append(err or f"no log for {b}")
+            else:
+                logs[b] = lines
+        pending = [a for a in traced if a.served_by in logs and not _log_has(logs[a.served_by], a.request_id)]
+        if not pending or asyncio.get_running_loop().time() >= deadline:
+            break
+        await asyncio.sleep(0.2)
     for a in traced:
         where = [b for b, lines in logs.items() if _log_has(lines, a.request_id)]
         if a.served_by in logs and a.served_by not in where:
@@ -754,6 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a number of distinct hosts, or a comma list of addresses, the expected records must come from (default 2)")
     p.add_argument("--lb-requests", type=int, default=8, help="requests per model for the load-balancing check (default 8)")
     p.add_argument("--log-tail", type=int, default=2000, help="log lines read from each babysitter (default 2000)")
+    p.add_argument("--log-wait", type=float, default=5.0,
+                   help="seconds a request may take to appear in its backend's log (default 5)")
     p.add_argument("--chaos", action="store_true", help="also stop one backend through its babysitter, check nothing fails, start it again")
     p.add_argument("--chaos-service", help="the babysitter to stop with --chaos (default: the last one with a peer)")
     p.add_argument("--token", help="babysitter token for POST /stop and /start")
@@ -776,11 +787,12 @@ def options_from_args(args: argparse.Namespace) -> ValidateOptions:
         count = len(hosts)
     if args.lb_requests < 2:
         raise UsageError("--lb-requests must be at least 2")
-    if args.log_tail < 1 or args.timeout <= 0 or args.wait < 0:
-        raise UsageError("--log-tail, --timeout must be positive and --wait not negative")
+    if args.log_tail < 1 or args.timeout <= 0 or args.wait < 0 or args.log_wait < 0:
+        raise UsageError("--log-tail, --timeout must be positive and --wait, --log-wait not negative")
     return ValidateOptions(registry=args.registry, router=args.router, expect_services=services,
                            expect_models=models, expect_hosts=hosts, expect_host_count=count,
-                           lb_requests=args.lb_requests, log_tail=args.log_tail, chaos=args.chaos,
+                           lb_requests=args.lb_requests, log_tail=args.log_tail, log_wait=args.log_wait,
+                           chaos=args.chaos,
                            chaos_service=args.chaos_service, token=args.token, timeout=args.timeout,
                            wait=args.wait)
 

@@ -195,7 +195,7 @@ async def test_a_request_id_missing_from_its_backends_log_fails_logs(deployment)
 
     reg2 = await d.start_registry(d.host1)
     await _copy_records(d.registry_url, reg2, keep=lambda r: r["name"] in recs and "router" not in r["name"], edit=swap)
-    results = await collect(ValidateOptions(registry=reg2, router=d.router_url, timeout=5))
+    results = await collect(ValidateOptions(registry=reg2, router=d.router_url, timeout=5, log_wait=1))
     failed = [n for n, r in results.items() if not r.passed]
     assert failed == [8], _table(results)
     assert "served by babysitter-c-server is not in its log" in results[8].detail
