@@ -29,7 +29,10 @@ class StartupError(Exception):
 
 async def start_app(hosted: HostedApp) -> web.AppRunner:
     """Run the app's startup (cleanup_ctx) and open its listening socket."""
-    runner = web.AppRunner(hosted.app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    # handler_cancellation: a client that goes away cancels its handler at once, so the router
+    # closes the backend connection (and generation stops) without waiting for its next write.
+    runner = web.AppRunner(hosted.app, handle_signals=False, access_log=None, shutdown_timeout=5.0,
+                           handler_cancellation=True)
     await runner.setup()
     try:
         site = web.TCPSite(runner, hosted.bind, hosted.port, reuse_address=True)
