@@ -125,14 +125,16 @@ def _convert(tp: Any, value: Any, src: Source, path: tuple[str, ...]) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        for a in args:
-            probe: list[Problem] = []
-            sub = Source.__new__(Source)
-            sub.path, sub.text, sub.problems, sub._index = src.path, src.text, probe, src._index
-            out = _convert(a, value, sub, path)
-            if out is not _MISSING:
-                return out
+        # The first alternative that accepts the value wins; the alternatives' complaints are dropped.
+        kept = src.problems
+        try:
+            for alt in (a for a in typing.get_args(tp) if a is not type(None)):
+                src.problems = []
+                out = _convert(alt, value, src, path)
+                if out is not _MISSING:
+                    return out
+        finally:
+            src.problems = kept
         src.problem(path, f"expected {_type_name(tp)}, got {_toml_type(value)}")
         return _MISSING
     if origin in (list, tuple) or tp in (list, tuple):
@@ -186,20 +188,13 @@ def _convert(tp: Any, value: Any, src: Source, path: tuple[str, ...]) -> Any:
     return _MISSING
 
 
+_TOML_TYPES = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "array"),
+               (dict, "table"))
+
+
 def _toml_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "table"
-    return type(value).__name__
+    """The TOML name of a parsed value's type (bool before int: bool is an int in Python)."""
+    return next((name for t, name in _TOML_TYPES if isinstance(value, t)), type(value).__name__)
 
 
 def load_table(cls: type, table: dict, src: Source, path: tuple[str, ...] = ()) -> Any:
