@@ -48,21 +48,17 @@ def print_once(registry: str, out=None) -> int:
         Console(file=sys.stderr).print(f"[bold red]registry {registry} is unreachable:[/] {exc}", markup=True,
                                        highlight=False)
         return 1
+    def table(title: str, columns: list[tuple[str, str]], cells: list[dict[str, object]]) -> Table:
+        out = Table(title=f"{title} ({len(cells)})", title_justify="left")
+        for _, label in columns:
+            out.add_column(label, no_wrap=True)
+        for row in cells:
+            out.add_row(*(row[k] for k, _ in columns))
+        return out
+
     colour = PLAIN_COLOURS.get
-    services = Table(title=f"services @ {registry} ({len(snap.services)})", title_justify="left")
-    for _, label in SERVICE_COLUMNS:
-        services.add_column(label, no_wrap=True)
-    for row in snap.services:
-        cells = service_cells(row, colour)
-        services.add_row(*(cells[k] for k, _ in SERVICE_COLUMNS))
-    models = Table(title=f"models ({len(snap.models)})", title_justify="left")
-    for _, label in MODEL_COLUMNS:
-        models.add_column(label, no_wrap=True)
-    for m in snap.models:
-        cells = model_cells(m, colour)
-        models.add_row(*(cells[k] for k, _ in MODEL_COLUMNS))
-    console.print(services)
-    console.print(models)
+    console.print(table(f"services @ {registry}", SERVICE_COLUMNS, [service_cells(r, colour) for r in snap.services]))
+    console.print(table("models", MODEL_COLUMNS, [model_cells(m, colour) for m in snap.models]))
     for err in snap.router_errors:
         console.print(f"[yellow]router statistics unavailable:[/] {err}", highlight=False)
     return 0

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from conftest import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for
+from console_pilot import ask_action
 from console.app import ConsoleApp
 from console.data import HttpSource
 
@@ -126,11 +127,7 @@ async def test_restart_after_confirmation_restarts_the_backend(deployment):
         await _wait_running(app, "bs-b-server")
         before_pid = backend_pid(deployment, "bs-b-server")
         before = int(cell(app, "bs-b-server", "restarts"))
-        table = app.screen.query_one("#services")
-        table.move_cursor(row=table.get_row_index("bs-b-server"))
-        await pilot.press("r")
-        await pilot.pause()
-        assert "Restart bs-b-server?" in str(app.screen.query_one("#question").render())
+        assert "Restart bs-b-server?" in await ask_action(pilot, "bs-b-server")
         await pilot.press("y")
 
         async def restarted():

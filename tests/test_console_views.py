@@ -9,6 +9,8 @@ import pytest
 
 from console.app import ConsoleApp
 from console.data import Latency, LogLine, ModelRow, Point, ServiceRow, Snapshot
+from conftest import async_wait_for
+from console_pilot import ask_action
 
 T0 = 1_700_000_000.0
 SIZE = (150, 40)
@@ -221,11 +223,7 @@ async def test_restart_asks_first_and_only_acts_on_yes():
     app = make_app(source)
     async with app.run_test(size=SIZE) as pilot:
         await _load(pilot)
-        table = app.screen.query_one("#services")
-        table.move_cursor(row=table.get_row_index("babysitter-c"))
-        await pilot.press("r")
-        await pilot.pause()
-        assert "Restart babysitter-c-server?" in str(app.screen.query_one("#question").render())
+        assert "Restart babysitter-c-server?" in await ask_action(pilot, "babysitter-c")
         await pilot.press("n")
         await pilot.pause()
         assert source.actions == []
@@ -251,3 +249,43 @@ async def test_pause_and_interval_keys_show_in_header():
         await pilot.press("question_mark")
         await pilot.pause()
         assert "restart backend" in str(app.screen.query_one("Static").render())
+
+
+class RestartingLogSource(FakeSource):
+    """A babysitter whose log stream breaks (it restarted) and, on reconnect, replays its tail plus new lines."""
+
+    NEW = LogLine(T0 + 10, "babysitter", "babysitter restarted; backend started (pid 4200)")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connects = 0
+
+    async def follow_logs(self, url: str, tail: int = 200):
+        self.connects += 1
+        if self.connects == 1:
+            for line in self.log:
+                yield line
+            raise ConnectionError("babysitter went away")
+        for line in self.log + [self.NEW]:
+            yield line
+        await asyncio.Event().wait()
+
+
+async def test_log_follow_reconnects_after_babysitter_restart_without_repeating_lines():
+    """A broken log stream is reported and reconnected; the replayed tail is not shown twice, new lines are."""
+    source = RestartingLogSource()
+    app = make_app(source)
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        app.open_detail(app.snapshot.service("babysitter-a-server"))
+        await pilot.pause()
+        log = app.screen.query_one("#log")
+
+        async def new_line_shown():
+            return any(RestartingLogSource.NEW.line in s.text for s in log.lines)
+        await async_wait_for(new_line_shown, timeout=10, what="the line logged after the reconnect")
+        texts = [s.text for s in log.lines]
+        assert source.connects == 2
+        assert any("log stream lost (ConnectionError: babysitter went away); reconnecting" in t for t in texts), texts
+        for line in LOG:
+            assert sum(line.line in t for t in texts) == 1, (line.line, texts)
