@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, http_get_json, http_json, wait_for
 
@@ -54,11 +55,11 @@ def write_babysitter(tmp_path: Path, name: str, port: int, backend: dict, regist
     return path
 
 
-def start_registry(procs, tmp_path: Path, port: int | None = None):
+def start_registry(procs, tmp_path: Path, port: int | None = None, token: str | None = None):
     port = port or free_port()
     cfg = tmp_path / f"registry-{port}.toml"
     cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nheartbeat_ttl = 2\nexpire_after = 10\n'
-                   f'sweep_interval = 0.1\nprobe_interval = 0\n')
+                   f'sweep_interval = 0.1\nprobe_interval = 0\n' + (f'token = "{token}"\n' if token else ""))
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name="registry")
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200, what="registry up")
     return proc, port
@@ -75,6 +76,14 @@ def record(reg: int, name: str):
 
 def status(port: int) -> dict:
     return http_get_json(f"http://127.0.0.1:{port + 1}/status")[1]
+
+
+def metrics(port: int) -> dict[tuple[str, tuple], float]:
+    """The babysitter's /metrics as {(sample name, sorted labels): value}, parsed as Prometheus would."""
+    code, text = http_get_json(f"http://127.0.0.1:{port + 1}/metrics")
+    assert code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def alive(pid: int) -> bool:
@@ -305,6 +314,14 @@ def test_restart_stop_start_need_the_token(procs, tmp_path):
     code, text = http_get_json(f"{base}/metrics")
     assert f'infinilm_babysitter_backend_up{{name="bs-tok"}} 1' in text
     assert 'infinilm_babysitter_restarts_total{name="bs-tok"} 2' in text
+    m = metrics(port)
+    name = (("name", "bs-tok"),)
+    assert m[("infinilm_babysitter_backend_up", name)] == 1 and m[("infinilm_babysitter_restarts_total", name)] == 2
+    assert {st: m[("infinilm_babysitter_backend_state", (("name", "bs-tok"), ("state", st)))]
+            for st in ("starting", "running", "backoff", "fatal", "stopping", "stopped")} == \
+        {"starting": 0, "running": 1, "backoff": 0, "fatal": 0, "stopping": 0, "stopped": 0}
+    assert m[("infinilm_babysitter_log_lines", name)] > 0
+    assert ("infinilm_babysitter_registered", name) not in m  # no registry_url: no registry metrics
     code, info = http_get_json(f"{base}/info")
     assert info["port"] == port + 1 and info["service_type"] == "mock" and info["restart_count"] == 2
 
@@ -340,3 +357,79 @@ async def test_logs_tail_and_follow_across_a_restart(procs, tmp_path):
     assert any(s == "stdout" and ln.startswith("mock bs-logs: serving model-1") for s, ln in text)
     log_file = (tmp_path / "logs" / "bs-logs.log").read_text()
     assert "restarting in 0.3 s" in log_file and "[stdout] mock bs-logs: serving model-1" in log_file
+
+
+def test_registry_token_is_used_for_register_and_heartbeat(procs, tmp_path):
+    _, reg = start_registry(procs, tmp_path, token="reg-s3cret")
+    port = free_port(pair=True)
+    cfg = write_babysitter(tmp_path, "bs-regtok", port, MOCK, registry=reg, top={"token": "reg-s3cret"})
+    start_babysitter(procs, cfg)
+    rec = wait_for(lambda: (r := record(reg, "bs-regtok-server")) and r["status"] == "running" and r,
+                   what="registered with the token and running")
+    assert record(reg, "bs-regtok") is not None
+    name = (("name", "bs-regtok"),)
+    # Heartbeats reach the registry: the rounds are counted and the record's heartbeat moves on.
+    m = wait_for(lambda: (m := metrics(port))[("infinilm_babysitter_heartbeats_total", name)] >= 2 and m,
+                 what="heartbeats accepted")
+    assert m[("infinilm_babysitter_registered", name)] == 1
+    wait_for(lambda: record(reg, "bs-regtok-server")["last_heartbeat"] != rec["last_heartbeat"],
+             what="a later heartbeat in the record")
+    st = status(port)["registry"]
+    assert st["registered"] is True and st["last_error"] is None and st["last_ok"]
+
+
+def test_wrong_registry_token_keeps_supervising_and_says_why(procs, tmp_path):
+    _, reg = start_registry(procs, tmp_path, token="right")
+    port = free_port(pair=True)
+    cfg = write_babysitter(tmp_path, "bs-badtok", port, MOCK, registry=reg, top={"token": "wrong"})
+    bs = start_babysitter(procs, cfg)
+    st = wait_for(lambda: (s := status(port))["state"] == "running" and s["registry"]["last_error"] and s,
+                  what="running with a registry error")
+    assert st["registry"]["registered"] is False and "401" in st["registry"]["last_error"]
+    assert "Bearer" in st["registry"]["last_error"]
+    assert http_get_json(f"http://127.0.0.1:{port + 1}/health")[0] == 200
+    assert record(reg, "bs-badtok") is None and record(reg, "bs-badtok-server") is None
+    assert metrics(port)[("infinilm_babysitter_registered", (("name", "bs-badtok"),))] == 0
+    wait_for(lambda: "registry trouble (registry answered 401" in procs.output(bs), what="the warning in its log")
+
+
+INT_TRAP = """\
+import http.server, json, signal, sys, os
+def on_int(*a):
+    open(sys.argv[2], "w").write("got INT")
+    os._exit(0)
+signal.signal(signal.SIGINT, on_int)
+signal.signal(signal.SIGTERM, lambda *a: print("ignoring TERM", flush=True))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "m"}]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+print("listening", flush=True)
+print("a warning on stderr", file=sys.stderr, flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_stopsignal_int_is_sent_and_log_lines_carry_their_stream(procs, tmp_path):
+    """stopsignal = "INT" reaches the backend (which ignores TERM); /logs tags stdout, stderr and markers."""
+    port = free_port(pair=True)
+    script, flag = tmp_path / "int_trap.py", tmp_path / "got-int"
+    script.write_text(INT_TRAP)
+    cfg = write_babysitter(tmp_path, "bs-int", port, {"type": "command", "command": PY,
+                                                     "args": [str(script), str(port), str(flag)]},
+                           policy={"stopsignal": "INT", "stop_timeout": 30})
+    start_babysitter(procs, cfg)
+    pid = wait_for(lambda: (s := status(port))["state"] == "running" and s["pid"], what="running")
+    assert http_json("POST", f"http://127.0.0.1:{port + 1}/stop")[0] == 202
+    st = wait_for(lambda: (s := status(port))["state"] == "stopped" and s, what="stopped")
+    assert flag.read_text() == "got INT"
+    assert st["last_exit_code"] == 0 and st["last_exit_reason"] == "stop requested (exited with code 0)"
+    assert not alive(pid)
+    lines = http_get_json(f"http://127.0.0.1:{port + 1}/logs?tail=100")[1]["lines"]
+    streams = {(e["stream"], e["line"]) for e in lines}
+    assert ("stdout", "listening") in streams and ("stderr", "a warning on stderr") in streams
+    assert any(s == "babysitter" and ln.startswith("stopping backend (pid ") for s, ln in streams)
+    assert {e["stream"] for e in lines} == {"stdout", "stderr", "babysitter"}
+    assert not any("ignoring TERM" in ln or "killing it" in ln for _, ln in streams)

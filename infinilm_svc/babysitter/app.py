@@ -10,12 +10,14 @@ import time
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware
-from .logbook import LogBook, RotatingLogFile
+from .logbook import LogBook, LogLine, RotatingLogFile
+from .metrics import make_metrics
 from .registration import Registration
-from .supervisor import RUNNING, STATES, Supervisor
+from .supervisor import RUNNING, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ LOGBOOK = web.AppKey("babysitter_logbook", LogBook)
 SUPERVISOR = web.AppKey("babysitter_supervisor", Supervisor)
 REGISTRATION = web.AppKey("babysitter_registration", Registration)
 STARTED = web.AppKey("babysitter_started", float)
+METRICS = web.AppKey("babysitter_metrics", CollectorRegistry)
 
 
 def log_path(config: BabysitterConfig) -> str:
@@ -100,7 +103,7 @@ async def models(request: web.Request) -> web.Response:
     """The backend's own model list, fetched now; 503 when it does not answer."""
     sup = request.app[SUPERVISOR]
     for path in ("/v1/models", "/models"):
-        body = await sup._get_json(path)
+        body = await sup.get_json(path)
         if body is not None:
             return web.json_response(body)
     if sup.config.backend.health_path and sup.models_list and sup.state == RUNNING:
@@ -154,6 +157,10 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
     return value
 
 
+def _sse(entry: LogLine) -> bytes:
+    return b"data: " + json.dumps(entry.as_dict()).encode() + b"\n\n"
+
+
 async def logs(request: web.Request) -> web.StreamResponse:
     book = request.app[LOGBOOK]
     follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
@@ -166,23 +173,22 @@ async def logs(request: web.Request) -> web.StreamResponse:
                                        "X-Accel-Buffering": "no"})
     try:
         await resp.prepare(request)
-        for e in lines:
-            await resp.write(b"data: " + json.dumps(e.as_dict()).encode() + b"\n\n")
+        if lines:
+            await resp.write(b"".join(map(_sse, lines)))
         while True:
             try:
                 e = await asyncio.wait_for(queue.get(), 15.0)
             except asyncio.TimeoutError:
                 await resp.write(b": keep-alive\n\n")
                 continue
-            if e is None:
-                break
-            chunk = [b"data: " + json.dumps(e.as_dict()).encode() + b"\n\n"]
-            while not queue.empty():  # send what piled up in one write
-                e = queue.get_nowait()
-                if e is None:
+            chunk = []
+            while e is not None:  # send what piled up in one write; None = the log book closed
+                chunk.append(_sse(e))
+                if queue.empty():
                     break
-                chunk.append(b"data: " + json.dumps(e.as_dict()).encode() + b"\n\n")
-            await resp.write(b"".join(chunk))
+                e = queue.get_nowait()
+            if chunk:
+                await resp.write(b"".join(chunk))
             if e is None:
                 break
     except (ConnectionResetError, asyncio.CancelledError):
@@ -193,41 +199,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format, written by hand: a handful of gauges, no global registry."""
-    config, sup = request.app[CONFIG], request.app[SUPERVISOR]
-    name = config.service_name.replace("\\", "\\\\").replace('"', '\\"')
-    lab = f'name="{name}"'
-    out = [
-        "# HELP infinilm_babysitter_backend_up 1 while the backend is running (ready and answering).",
-        "# TYPE infinilm_babysitter_backend_up gauge",
-        f"infinilm_babysitter_backend_up{{{lab}}} {1 if sup.state == RUNNING else 0}",
-        "# HELP infinilm_babysitter_backend_state The backend's state (1 for the current one).",
-        "# TYPE infinilm_babysitter_backend_state gauge",
-    ]
-    out += [f'infinilm_babysitter_backend_state{{{lab},state="{s}"}} {1 if sup.state == s else 0}' for s in STATES]
-    out += [
-        "# HELP infinilm_babysitter_restarts_total Backend restarts since the babysitter started.",
-        "# TYPE infinilm_babysitter_restarts_total counter",
-        f"infinilm_babysitter_restarts_total{{{lab}}} {sup.restarts}",
-        "# HELP infinilm_babysitter_backend_uptime_seconds Seconds since the backend became ready.",
-        "# TYPE infinilm_babysitter_backend_uptime_seconds gauge",
-        f"infinilm_babysitter_backend_uptime_seconds{{{lab}}} {sup.status()['uptime']}",
-        "# HELP infinilm_babysitter_log_lines Lines in the in-memory log ring.",
-        "# TYPE infinilm_babysitter_log_lines gauge",
-        f"infinilm_babysitter_log_lines{{{lab}}} {len(request.app[LOGBOOK].ring)}",
-    ]
-    reg = request.app.get(REGISTRATION)
-    if reg is not None:
-        out += [
-            "# HELP infinilm_babysitter_registered 1 while both records are registered.",
-            "# TYPE infinilm_babysitter_registered gauge",
-            f"infinilm_babysitter_registered{{{lab}}} {1 if reg.registered else 0}",
-            "# HELP infinilm_babysitter_heartbeats_total Heartbeat rounds that reached the registry.",
-            "# TYPE infinilm_babysitter_heartbeats_total counter",
-            f"infinilm_babysitter_heartbeats_total{{{lab}}} {reg.heartbeats}",
-        ]
-    return web.Response(text="\n".join(out) + "\n", content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(body=generate_latest(request.app[METRICS]),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"})
 
 
 def create_app(config: BabysitterConfig) -> web.Application:
@@ -246,9 +219,11 @@ def create_app(config: BabysitterConfig) -> web.Application:
     # always find them.
     supervisor = app[SUPERVISOR] = Supervisor(config, logbook, None)
     supervisor.listeners.append(lambda state: log.info("%s: backend %s", config.service_name, state))
+    registration = None
     if config.registry_url:
         registration = app[REGISTRATION] = Registration(config, supervisor, None)
         supervisor.listeners.append(registration.poke)
+    app[METRICS] = make_metrics(supervisor, logbook, registration)
     app.cleanup_ctx.append(_supervision)
     app.on_shutdown.append(_end_followers)
     r = app.router

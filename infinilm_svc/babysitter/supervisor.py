@@ -83,6 +83,13 @@ class Supervisor:
         return p.pid if p is not None and p.returncode is None else None
 
     @property
+    def uptime(self) -> float:
+        """Seconds since the backend became ready; 0 unless it is running."""
+        if self.state == RUNNING and self.running_since:
+            return round(time.time() - self.running_since, 3)
+        return 0
+
+    @property
     def backend_url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
 
@@ -296,7 +303,7 @@ class Supervisor:
                 self.models_list = self._declared_models()
             return ok
         for path in ("/v1/models", "/models"):
-            body = await self._get_json(path)
+            body = await self.get_json(path)
             if body is None:
                 continue
             models = parse_models(body)
@@ -314,7 +321,8 @@ class Supervisor:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return None
 
-    async def _get_json(self, path: str) -> Any:
+    async def get_json(self, path: str) -> Any:
+        """The backend's JSON answer to GET `path`, or None (not 200, not JSON, not answering)."""
         try:
             async with self.session.get(self._base + path, timeout=self._probe_timeout) as resp:
                 if resp.status != 200:
@@ -331,7 +339,7 @@ class Supervisor:
             "pid": self.pid,
             "restarts": self.restarts,
             "failures": self.failures,
-            "uptime": round(time.time() - self.running_since, 3) if self.state == RUNNING and self.running_since else 0,
+            "uptime": self.uptime,
             "started_at": self.process.started_at if self.process is not None else None,
             "last_exit_code": self.last_exit_code,
             "last_exit_reason": self.last_exit_reason,
