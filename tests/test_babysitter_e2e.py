@@ -60,24 +60,21 @@ def _exercise(procs, reg: int, name: str, port: int, cfg, served_by: str) -> Non
     assert _gone(child)
 
 
+def _write_config(tmp_path, name: str, port: int, reg: int, policy: str, backend: str, top: str = ""):
+    """A babysitter file in the upstream format: name, host, port, registry_url, then the given tables."""
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(f'name = "{name}"\nhost = "127.0.0.1"\nport = {port}\nregistry_url = "http://127.0.0.1:{reg}"\n'
+                   f'{top}\n[babysitter]\n{policy}\n[backend]\n{backend}')
+    return cfg
+
+
 def test_upstream_config_with_command_running_the_pyz_mock(procs, pyz_path, tmp_path):
     reg = _registry(procs, tmp_path)
     port = free_port(pair=True)
-    cfg = tmp_path / "babysitter-a.toml"
     # Only upstream keys (reference §3.2); --bind on the command line keeps it on loopback.
-    cfg.write_text(f'''name = "babysitter-a"
-host = "127.0.0.1"
-port = {port}
-registry_url = "http://127.0.0.1:{reg}"
-router_url = "http://127.0.0.1:8000"
-
-[babysitter]
-max_restarts = 10000
-restart_delay = 0.1
-heartbeat_interval = 0.3
-
-[backend]
-type = "command"
+    cfg = _write_config(tmp_path, "babysitter-a", port, reg, top='router_url = "http://127.0.0.1:8000"\n',
+                        policy="max_restarts = 10000\nrestart_delay = 0.1\nheartbeat_interval = 0.3\n",
+                        backend=f'''type = "command"
 command = "{sys.executable} ./infinilm-svc.pyz mock"
 args = ["--name", "mock-service-a", "--port", "{port}", "--models", "model-1", "--host", "127.0.0.1"]
 work_dir = "{ROOT}"
@@ -91,20 +88,8 @@ PYTHONDONTWRITEBYTECODE = "1"
 def test_type_mock_runs_the_pyz_itself(procs, pyz_path, tmp_path):
     reg = _registry(procs, tmp_path)
     port = free_port(pair=True)
-    cfg = tmp_path / "babysitter-m.toml"
-    cfg.write_text(f'''name = "babysitter-m"
-host = "127.0.0.1"
-port = {port}
-registry_url = "http://127.0.0.1:{reg}"
-
-[babysitter]
-restart_delay = 0.1
-heartbeat_interval = 0.3
-
-[backend]
-type = "mock"
-models = ["model-1"]
-''')
+    cfg = _write_config(tmp_path, "babysitter-m", port, reg, policy="restart_delay = 0.1\nheartbeat_interval = 0.3\n",
+                        backend='type = "mock"\nmodels = ["model-1"]\n')
     _exercise(procs, reg, "babysitter-m", port, cfg, "babysitter-m")
     started = [ln for ln in (tmp_path / "logs" / "babysitter-m.log").read_text().splitlines() if "backend started" in ln]
     assert started and str(pyz_path) in started[0]
