@@ -220,9 +220,8 @@ def test_sigterm_deregisters_both_and_leaves_no_child(procs, tmp_path):
         os.killpg(child, 0)  # nothing left in the backend's process group either
 
 
-STUBBORN = """\
-import http.server, json, signal, sys
-signal.signal(signal.SIGTERM, lambda *a: print("ignoring TERM", flush=True))
+# A backend that serves a one-model list on port argv[1]; the scripts below put their signal traps before it.
+SERVE_MODELS = """\
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = json.dumps({"data": [{"id": "m"}]}).encode()
@@ -231,6 +230,11 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
+
+STUBBORN = """\
+import http.server, json, signal, sys
+signal.signal(signal.SIGTERM, lambda *a: print("ignoring TERM", flush=True))
+""" + SERVE_MODELS
 
 
 def test_stop_timeout_kills_a_backend_that_ignores_term(procs, tmp_path):
@@ -400,16 +404,9 @@ def on_int(*a):
     os._exit(0)
 signal.signal(signal.SIGINT, on_int)
 signal.signal(signal.SIGTERM, lambda *a: print("ignoring TERM", flush=True))
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({"data": [{"id": "m"}]}).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
 print("listening", flush=True)
 print("a warning on stderr", file=sys.stderr, flush=True)
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
+""" + SERVE_MODELS
 
 
 def test_stopsignal_int_is_sent_and_log_lines_carry_their_stream(procs, tmp_path):
