@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the demo scripts (sourced, not run): paths, pid files, readiness waits, stopping.
 # Environment: INFINILM_PYZ (default <repo>/infinilm-svc.pyz), INFINILM_PYTHON (run the pyz with this
 # interpreter instead of its #! line), RUN_DIR (pid and log files; default demo/integration-validation/run).
@@ -6,9 +7,8 @@ DEMO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$DEMO_DIR/../.." && pwd)
 PYZ=${INFINILM_PYZ:-$REPO_ROOT/infinilm-svc.pyz}
 RUN_DIR=${RUN_DIR:-$DEMO_DIR/run}
-CONFIG_DIR=$DEMO_DIR/config
-REGISTRY_PORT=18000
-ROUTER_PORT=8000
+# shellcheck disable=SC2034  # used by the scripts that source this file
+CONFIG_DIR=$DEMO_DIR/config REGISTRY_PORT=18000 ROUTER_PORT=8000
 READY_TIMEOUT=${READY_TIMEOUT:-60}     # seconds to wait for a server to become ready
 STOP_TIMEOUT=${STOP_TIMEOUT:-20}       # seconds between TERM and KILL
 
@@ -50,7 +50,7 @@ alive() {
 
 # All descendants of PID, as "pid starttime" lines.
 descendants() {
-    local root=$1 p info
+    local root=$1 p info d
     declare -A parent start
     for d in /proc/[0-9]*; do
         p=${d#/proc/}

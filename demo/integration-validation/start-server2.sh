@@ -6,7 +6,7 @@ source "$(dirname "$0")/lib.sh"
 
 S1=${1:-${SERVER1_IP:-}}
 S2=${2:-${SERVER2_IP:-}}
-[ -n "$S1" ] && [ -n "$S2" ] || die "usage: $0 SERVER1_IP SERVER2_IP"
+if [ -z "$S1" ] || [ -z "$S2" ]; then die "usage: $0 SERVER1_IP SERVER2_IP"; fi
 check_ip "$S1"; check_ip "$S2"
 BIND=${BIND:-$S2}
 need_pyz
