@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from infinilm_svc import validate
 from infinilm_svc.client.registry import RegistryClient
@@ -200,6 +201,94 @@ async def test_a_request_id_missing_from_its_backends_log_fails_logs(deployment)
     assert failed == [8], _table(results)
     assert "served by babysitter-c-server is not in its log" in results[8].detail
     assert "served by babysitter-a-server also appears in the log of babysitter-c-server" in results[8].detail
+
+
+async def start_front(d: Deployment, tamper) -> str:
+    """A stand-in router in front of the real one: `tamper(request, body)` may answer instead of it (or None to relay)."""
+    session = aiohttp.ClientSession()
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        own = await tamper(request, body)
+        if own is not None:
+            return own
+        async with session.request(request.method, d.router_url + request.path_qs, data=body,
+                                   headers={k: v for k, v in request.headers.items()
+                                            if k.lower() in ("content-type", "x-request-id")}) as up:
+            out = web.StreamResponse(status=up.status, headers={"Content-Type": up.headers.get("Content-Type", "")})
+            await out.prepare(request)
+            async for chunk in up.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    async def close_session(app: web.Application):
+        yield
+        await session.close()
+
+    app = web.Application()
+    app.cleanup_ctx.append(close_session)
+    app.router.add_route("*", "/{tail:.*}", relay)
+    port = free_port(d.host1)
+    await d.start(HostedApp("router", "front", app, d.host1, port))
+    return f"http://{d.host1}:{port}"
+
+
+def _is_chat(request: web.Request, body: bytes, stream: bool) -> bool:
+    return request.path == "/v1/chat/completions" and bool(json.loads(body).get("stream")) == stream
+
+
+async def test_a_router_without_healthy_backends_fails_only_router_health(deployment):
+    """A router whose /health reports no healthy backend fails check 2, naming what it said; the rest pass."""
+    async def no_backends(request, body):
+        if request.path == "/health":
+            return web.json_response({"status": "healthy", "healthy_services": "0/4"})
+        return None
+
+    front = await start_front(deployment, no_backends)
+    results = await collect(ValidateOptions(registry=deployment.registry_url, router=front, timeout=5))
+    assert [n for n, r in results.items() if not r.passed] == [2], _table(results)
+    assert f"{front} has no healthy backend (healthy_services='0/4'" in results[2].detail
+
+
+async def test_an_answer_from_a_backend_not_serving_the_model_fails_chat(deployment):
+    """Non-streamed answers for model-1 that name babysitter-b (which serves model-2) fail check 5; 6 passes."""
+    async def misnamed(request, body):
+        if not _is_chat(request, body, stream=False):
+            return None
+        async with aiohttp.ClientSession() as s, s.post(deployment.router_url + request.path, data=body,
+                                                         headers={"Content-Type": "application/json"}) as up:
+            answer = await up.json()
+            if up.status != 200:
+                return web.json_response(answer, status=up.status)
+        content = answer["choices"][0]["message"]["content"]
+        answer["choices"][0]["message"]["content"] = content.replace("babysitter-a", "babysitter-b").replace(
+            "babysitter-c", "babysitter-b")
+        return web.json_response(answer)
+
+    front = await start_front(deployment, misnamed)
+    results = await collect(ValidateOptions(registry=deployment.registry_url, router=front, timeout=5))
+    assert not results[5].passed, _table(results)
+    assert "model-1: answered by babysitter-b-server, which does not serve it (expected one of " \
+           "babysitter-a-server, babysitter-c-server)" in results[5].detail
+    assert "model-2" not in results[5].detail
+    assert all(results[n].passed for n in (1, 2, 3, 4, 6, 9)), _table(results)
+
+
+async def test_a_failing_stream_fails_streaming_chat(deployment):
+    """A router that answers 500 to streamed chat fails check 6 with the error it gave; check 5 passes."""
+    async def no_streams(request, body):
+        if _is_chat(request, body, stream=True):
+            return web.json_response({"error": {"message": "streams are broken", "type": "server_error",
+                                                "code": 500}}, status=500)
+        return None
+
+    front = await start_front(deployment, no_streams)
+    results = await collect(ValidateOptions(registry=deployment.registry_url, router=front, timeout=5))
+    assert not results[6].passed, _table(results)
+    assert "model-1: HTTP 500: streams are broken (code 500)" in results[6].detail
+    assert "model-2: HTTP 500: streams are broken (code 500)" in results[6].detail
+    assert all(results[n].passed for n in (1, 2, 3, 4, 5, 9)), _table(results)
 
 
 async def test_model_aggregation_fails_when_a_model_is_not_expected(deployment):
