@@ -195,13 +195,18 @@ def test_registry_restart_records_are_back(procs, tmp_path):
 
 
 def test_unreachable_registry_does_not_stop_supervision(procs, tmp_path):
-    port = free_port(pair=True)
-    cfg = write_babysitter(tmp_path, "bs-noreg", port, MOCK, registry=free_port())
+    """Supervision goes on while the registry is down; once it answers, both records appear and the error clears."""
+    port, reg = free_port(pair=True), free_port()
+    cfg = write_babysitter(tmp_path, "bs-noreg", port, MOCK, registry=reg)
     start_babysitter(procs, cfg)
     st = wait_for(lambda: (s := status(port))["state"] == "running" and s["registry"]["last_error"] and s,
                   what="running while the registry is down")
     assert st["registry"]["registered"] is False
     assert http_get_json(f"http://127.0.0.1:{port + 1}/health")[0] == 200
+    start_registry(procs, tmp_path, reg)
+    wait_for(lambda: (r := record(reg, "bs-noreg-server")) and r["status"] == "running", what="registered late")
+    st = wait_for(lambda: (s := status(port))["registry"]["last_error"] is None and s, what="the error cleared")
+    assert st["registry"]["registered"] is True and st["registry"]["last_ok"]
 
 
 def test_sigterm_deregisters_both_and_leaves_no_child(procs, tmp_path):

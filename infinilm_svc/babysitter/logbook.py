@@ -66,12 +66,10 @@ class RotatingLogFile:
 class LogBook:
     """Where every backend line and babysitter marker goes: ring, file and followers."""
 
-    def __init__(self, name: str, ring_lines: int, file: RotatingLogFile | None = None,
-                 echo: bool = False) -> None:
+    def __init__(self, name: str, ring_lines: int, file: RotatingLogFile | None = None) -> None:
         self.name = name
         self.ring: collections.deque[LogLine] = collections.deque(maxlen=ring_lines)
         self.file = file
-        self.echo = echo
         self._followers: set[asyncio.Queue] = set()
         self._closed = False
         self._echo_log = logging.getLogger(f"infinilm_svc.backend.{name}")

@@ -28,7 +28,6 @@ class Registration:
         self.last_ok: float | None = None
         self.last_error: str | None = None
         self.heartbeats = 0
-        self.registrations = 0
         self._poke = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -77,7 +76,6 @@ class Registration:
                                                 self.babysitter_metadata()))
         await self.client.register(self._record(self.config.server_name, self.config.port,
                                                 self.backend_metadata()))
-        self.registrations += 1
 
     async def _heartbeat(self) -> bool:
         """Heartbeat both records; False if the registry no longer knows one of them."""
@@ -89,7 +87,6 @@ class Registration:
 
     async def _loop(self) -> None:
         retry = min(0.25, self.interval)
-        failing = False
         while True:
             self._poke.clear()
             try:
@@ -104,16 +101,15 @@ class Registration:
                     self.registered = False
                     continue
                 self.last_ok = time.time()
-                if failing:
+                if self.last_error is not None:
                     log.info("%s: the registry answers again", self.config.service_name)
-                failing = False
+                self.last_error = None  # /status shows trouble only while it lasts
                 retry = min(0.25, self.interval)
                 wait = self.interval
             except (RegistryUnavailable, RegistryRejected) as exc:
-                self.last_error = str(exc)
-                if not failing:
+                if str(exc) != self.last_error:  # say it once, and again only when the trouble changes
                     log.warning("%s: registry trouble (%s); retrying with back-off", self.config.service_name, exc)
-                failing = True
+                self.last_error = str(exc)
                 self.registered = self.registered and isinstance(exc, RegistryUnavailable)
                 wait = retry
                 retry = min(retry * 2, self.interval)

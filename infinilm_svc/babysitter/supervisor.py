@@ -65,6 +65,8 @@ class Supervisor:
         self.models_list: list[dict] = self._declared_models()
         self.listeners: list[Callable[[str], None]] = []
         self._desired = True
+        self._restart_now = False          # a restart was requested: no back-off, no failure counted
+        self._started = 0.0                # monotonic time of the current start
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task | None = None
@@ -133,9 +135,6 @@ class Supervisor:
 
     # --- the loop ------------------------------------------------------------------------------
 
-    _restart_now = False
-    _started = 0.0
-
     def _set_state(self, state: str) -> None:
         if state == self.state:
             return
@@ -186,14 +185,13 @@ class Supervisor:
             self._set_state(BACKOFF)
             await self._wait_wake(delay)
 
-    async def _wait_wake(self, timeout: float) -> bool:
-        """Sleep up to `timeout`; True if a request (start/stop/restart/close) cut it short."""
+    async def _wait_wake(self, timeout: float) -> None:
+        """Sleep up to `timeout`, or less if a request (start/stop/restart/close) comes."""
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
-            return True
         except asyncio.TimeoutError:
-            return False
+            pass
 
     async def _run_once(self) -> tuple[int | None, str]:
         """Start the backend and supervise it until it is gone; returns its exit code and why."""
