@@ -73,3 +73,10 @@ async def test_ring_keeps_the_last_lines_and_followers_get_new_ones():
     assert (e.stream, e.line) == ("babysitter", "backend exited with code -9; restarting in 5 s")
     book.close_followers()
     assert q.get_nowait() is None
+
+
+def test_an_empty_token_is_a_config_error():
+    """`token = ""` would leave POST /restart open: it is refused, like the registry's."""
+    problems = cfg(BackendConfig(type="mock", models=("a",)), token=" ").check()
+    assert problems == [("token", "token must not be empty (leave it out to disable auth)")]
+    assert cfg(BackendConfig(type="mock", models=("a",)), token="t").check() == []

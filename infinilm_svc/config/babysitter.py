@@ -133,6 +133,9 @@ class BabysitterConfig:
         for key in ("registry_url", "router_url"):
             if (m := check_url(getattr(self, key))):
                 out.append((key, m))
+        if self.token is not None and not self.token.strip():
+            # An empty token would silently leave POST /restart|/stop|/start open.
+            out.append(("token", "token must not be empty (leave it out to disable auth)"))
         return out
 
     def with_overrides(self, **overrides: Any) -> "BabysitterConfig":
