@@ -68,6 +68,16 @@ async def test_chat_stream_sends_chunks_then_done(aiohttp_client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 7
 
 
+async def test_stream_has_no_usage_only_chunk_unless_asked(aiohttp_client):
+    client = await make_client(aiohttp_client)
+    for options in (None, {"include_usage": False}, "yes"):
+        body = {"model": "model-1", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        if options is not None:
+            body["stream_options"] = options
+        events = sse_events(await (await client.post("/v1/chat/completions", json=body)).text())
+        assert events[-1] == "[DONE]" and all(e["choices"] for e in events[:-1]), options
+
+
 async def test_completions_with_and_without_stream(aiohttp_client):
     client = await make_client(aiohttp_client)
     for path in ("/v1/completions", "/completions"):
@@ -135,6 +145,10 @@ def test_cli_rejects_bad_flags():
     with pytest.raises(SystemExit) as exc:
         parse_options(["--name", "a", "--port", "8100", "--models", ","])
     assert exc.value.code == 2
+    for bad in (["--embedding-dim", "0"], ["--chunks", "0"], ["--crash-after", "-1"], ["--hang-after", "-2"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_options(["--name", "a", "--port", "8100", "--models", "m", *bad])
+        assert exc.value.code == 2, bad
     opts = parse_options(["--name", "a", "--port", "8100", "--models", "m1, m2", "--hang-after", "3"])
     assert opts.models == ("m1", "m2") and opts.hang_after == 3 and opts.host == "127.0.0.1"
 

@@ -194,14 +194,18 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
     return resp
 
 
+def _include_usage(body: dict) -> bool:
+    """`stream_options.include_usage`: the OpenAI usage-only chunk at the end of a stream."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body, model = await _request_body(request)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "missing required field: messages (a non-empty array)", code="missing_field")
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
-        if isinstance(body.get("stream_options"), dict) else False
-    return await _generate(request, model, True, _count_words(messages), include_usage)
+    return await _generate(request, model, True, _count_words(messages), _include_usage(body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -209,9 +213,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt = body.get("prompt")
     if not isinstance(prompt, (str, list)):
         raise ApiError(400, "missing required field: prompt (a string or an array)", code="missing_field")
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
-        if isinstance(body.get("stream_options"), dict) else False
-    return await _generate(request, model, False, _count_words(prompt), include_usage)
+    return await _generate(request, model, False, _count_words(prompt), _include_usage(body))
 
 
 def _embedding(text: str, dim: int) -> list[float]:

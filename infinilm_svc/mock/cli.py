@@ -40,15 +40,19 @@ def parse_options(argv: list[str]) -> MockOptions:
         p.error(f"--port must be 1..65535, got {a.port}")
     if not 0.0 <= a.fail_rate <= 1.0:
         p.error(f"--fail-rate must be between 0 and 1, got {a.fail_rate}")
-    if a.chunks is not None and a.chunks < 1:
-        p.error(f"--chunks must be >= 1, got {a.chunks}")
+    for flag in ("chunks", "embedding_dim"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    for flag in ("crash_after", "hang_after"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     for flag in ("latency", "chunk_interval", "startup_delay"):
         if getattr(a, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0")
     return MockOptions(name=a.name, port=a.port, models=models, host=a.host, latency=a.latency,
                        chunks=a.chunks, chunk_interval=a.chunk_interval, fail_rate=a.fail_rate,
                        crash_after=a.crash_after, hang_after=a.hang_after, startup_delay=a.startup_delay,
-                       embedding_dim=max(1, a.embedding_dim))
+                       embedding_dim=a.embedding_dim)
 
 
 async def _run(options: MockOptions) -> int:
