@@ -80,3 +80,10 @@ def test_an_empty_token_is_a_config_error():
     problems = cfg(BackendConfig(type="mock", models=("a",)), token=" ").check()
     assert problems == [("token", "token must not be empty (leave it out to disable auth)")]
     assert cfg(BackendConfig(type="mock", models=("a",)), token="t").check() == []
+
+
+def test_health_path_without_declared_models_is_a_config_error():
+    """health_path alone would be ignored (readiness needs models to register): it is refused."""
+    problems = BackendConfig(type="command", command="srv", health_path="/ping").check()
+    assert problems == [("health_path", 'health_path is for a backend without a model list: it needs models = ["..."]')]
+    assert BackendConfig(type="command", command="srv", health_path="/ping", models=("m",)).check() == []

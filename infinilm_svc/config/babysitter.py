@@ -79,6 +79,8 @@ class BackendConfig:
                     shlex.split(self.command)
                 except ValueError as exc:
                     out.append(("command", f"cannot split command: {exc}"))
+        if self.health_path and not self.models:
+            out.append(("health_path", 'health_path is for a backend without a model list: it needs models = ["..."]'))
         if self.type == "mock" and not self.models:
             out.append(("models", 'type = "mock" needs models = ["..."]'))
         if self.type == "vllm" and not self.model:
