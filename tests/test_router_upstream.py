@@ -140,3 +140,71 @@ async def test_chunk_data_and_its_crlf_split_across_reads():
     finally:
         pool.close()
         server.close()
+
+
+async def test_chunk_extensions_and_trailers_are_skipped_and_the_connection_reused():
+    conns: list = []
+    server, url = await raw_server([
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5;name=value\r\nhello\r\n",
+         b"1;x\r\n!\r\n0;last\r\nX-Trailer: a\r\nX-Other: b\r\n\r\n"],
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], conns)
+    pool = Pool(2.0, 5.0)
+    try:
+        assert await (await pool.request(url, "GET", "/", {}, b"")).read() == b"hello!"
+        assert await (await pool.request(url, "GET", "/", {}, b"")).read() == b"ok"
+        assert len(conns) == 1, "the trailers should end the answer and leave the connection reusable"
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_interim_1xx_answers_are_skipped():
+    """100 Continue and 103 Early Hints come before the real answer; the caller sees only the real one."""
+    server, url = await raw_server([[b"HTTP/1.1 100 Continue\r\n\r\n",
+                                     b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\n",
+                                     b"Content-Length: 4\r\nX-A: 1\r\n\r\nmade"]])
+    pool = Pool(2.0, 5.0)
+    try:
+        r = await pool.request(url, "POST", "/", {}, b"{}")
+        assert r.status == 201 and r.headers == [("Content-Length", "4"), ("X-A", "1")]
+        assert await r.read() == b"made"
+    finally:
+        pool.close()
+        server.close()
+
+
+@pytest.mark.parametrize("method,head", [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"),
+    ("DELETE", b"HTTP/1.1 204 No Content\r\n\r\n"),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+])
+async def test_answers_without_a_body_end_at_their_head(method, head):
+    """HEAD, 204 and 304 answers have no body even when they state a length; the connection is reused."""
+    conns: list = []
+    server, url = await raw_server([head, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], conns)
+    pool = Pool(2.0, 5.0)
+    try:
+        r = await pool.request(url, method, "/", {}, b"")
+        assert await r.read() == b""
+        assert await (await pool.request(url, "GET", "/", {}, b"")).read() == b"ok"
+        assert len(conns) == 1
+    finally:
+        pool.close()
+        server.close()
+
+
+async def test_reused_connection_that_breaks_after_answering_bytes_is_not_retried():
+    """Only a stale connection that sent nothing back is retried; a partial answer is an error."""
+    conns: list = []
+    server, url = await raw_server([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                                    [b"HTTP/1.1 200 O", None],
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], conns)
+    pool = Pool(2.0, 5.0)
+    try:
+        assert await (await pool.request(url, "GET", "/", {}, b"")).read() == b"ok"
+        with pytest.raises(UpstreamBroken):
+            await pool.request(url, "POST", "/", {}, b"{}")
+        assert len(conns) == 1, "no second attempt may be made after the backend began to answer"
+    finally:
+        pool.close()
+        server.close()

@@ -123,6 +123,8 @@ class _Conn(asyncio.Protocol):
                     return
                 self._head(bytes(buf[:end]).decode("latin-1"))
                 del buf[:end + 4]
+                if self.state == 0:      # an interim 1xx answer: the real head follows
+                    continue
                 w = self.head_waiter
                 self.head_waiter = None
                 if w is not None and not w.done():
@@ -201,6 +203,8 @@ class _Conn(asyncio.Protocol):
             self.status = int(first[9:12])
         except ValueError:
             raise UpstreamBroken(f"bad status line {first[:40]!r}") from None
+        if 100 <= self.status < 200:     # 100 Continue, 103 Early Hints: skipped (we never ask to upgrade)
+            return
         headers = self.headers
         length = None
         chunked = False
@@ -223,7 +227,7 @@ class _Conn(asyncio.Protocol):
                 self.content_type = v
             headers.append((k, v))
         self.streaming = "text/event-stream" in self.content_type
-        if self.status in (204, 304) or 100 <= self.status < 200 or self.method_head:
+        if self.status in (204, 304) or self.method_head:
             self.state = 6
         elif chunked:
             self.state = 2
