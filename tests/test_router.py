@@ -3,18 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from conftest import async_wait_for
-from test_router_harness import Deployment
-
-
-@pytest.fixture
-async def dep(aiohttp_server):
-    d = Deployment(aiohttp_server)
-    await d.start_registry()
-    yield d
-    await d.close()
+from test_router_harness import Deployment, dep  # noqa: F401 (dep: a fixture)
 
 
 async def test_round_robin_alternates_per_model(dep):

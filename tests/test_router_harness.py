@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import pytest
 
 from conftest import ROOT, async_wait_for, free_port
 from infinilm_svc.client.registry import RegistryClient
@@ -129,4 +130,13 @@ class Deployment:
         await self.session.close()
 
 
-__all__ = ["ROOT", "Deployment", "HOST", "backend_record", "mock_command", "router_config", "served_by"]
+@pytest.fixture
+async def dep(aiohttp_server):
+    """A running registry; tests add mocks and a router."""
+    d = Deployment(aiohttp_server)
+    await d.start_registry()
+    yield d
+    await d.close()
+
+
+__all__ = ["ROOT", "Deployment", "dep", "HOST", "backend_record", "mock_command", "router_config", "served_by"]

@@ -10,15 +10,7 @@ import aiohttp
 import pytest
 
 from conftest import async_wait_for, free_port
-from test_router_harness import HOST, Deployment, mock_command, served_by
-
-
-@pytest.fixture
-async def dep(aiohttp_server):
-    d = Deployment(aiohttp_server)
-    await d.start_registry()
-    yield d
-    await d.close()
+from test_router_harness import HOST, Deployment, dep, mock_command, served_by  # noqa: F401 (dep: a fixture)
 
 
 async def start_mock_process(dep: Deployment, procs, name: str, models: list[str], *knobs: str) -> tuple[int, object]:
