@@ -97,6 +97,14 @@ def test_once_exits_1_with_a_clear_message_when_registry_is_down():
     assert f"registry {url} is unreachable" in " ".join(r.stderr.split())
 
 
+def test_a_registry_that_is_not_a_url_is_a_usage_error():
+    """`--registry` (or $INFINILM_REGISTRY_URL) must be an http URL: exit 2 saying so, before any connection."""
+    r = subprocess.run([sys.executable, "-m", "infinilm_svc", "console", "--once", "--registry", "registry:18000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "argument --registry: expected an http:// URL, got 'registry:18000'" in r.stderr
+
+
 @pytest.mark.e2e
 def test_once_from_built_pyz(registry, pyz_path):
     """The built pyz runs `console --once` like a user would."""

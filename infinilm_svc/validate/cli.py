@@ -20,7 +20,8 @@ class UsageError(Exception):
     """Bad command-line input (exit code 2)."""
 
 
-def _url(value: str) -> str:
+def http_url(value: str) -> str:
+    """An argparse type: an http(s) URL without its trailing slash."""
     if not re.match(r"^https?://[^/\s]+", value):
         raise argparse.ArgumentTypeError(f"expected an http:// URL, got {value!r}")
     return value.rstrip("/")
@@ -42,8 +43,8 @@ def parse_services(text: str) -> tuple[ExpectedService, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infinilm-svc validate",
                                 description="Check a running deployment, found through its registry.")
-    p.add_argument("--registry", type=_url, default=ValidateOptions.registry, help="registry URL (default %(default)s)")
-    p.add_argument("--router", type=_url, help="router URL (default: the router registered in the registry)")
+    p.add_argument("--registry", type=http_url, default=ValidateOptions.registry, help="registry URL (default %(default)s)")
+    p.add_argument("--router", type=http_url, help="router URL (default: the router registered in the registry)")
     p.add_argument("--expect-services", default="babysitter-a:model-1,babysitter-b:model-2,babysitter-c:model-1,babysitter-d:model-2",
                    help="babysitters that must be registered, each NAME[:MODEL[+MODEL]] (default: the demo's)")
     p.add_argument("--expect-models", help="comma list of the models the router must list (default: those of --expect-services)")
