@@ -295,3 +295,28 @@ async def test_wildcard_bind_registers_the_address_the_registry_saw(dep):
         return got if got and got["metadata"].get("url") else None
     got = await async_wait_for(registered, what="the router's record with its URL")
     assert got["metadata"]["url"] == f"http://127.0.0.1:{cfg.port}" and got["host"] == "127.0.0.1"
+
+
+async def test_access_log_batch_writes_one_formatted_line_per_request():
+    """Through a plain stream handler, lines of one loop turn are written together, each with every field."""
+    import io
+    import logging
+    from infinilm_svc.router.access import AccessLog
+    logger = logging.getLogger("test.router.access.batch")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        access = AccessLog(logger)
+        access.add("r-1", "m", "a", 200, 0.0123, 0.0045, 17)
+        access.add("r-2", "", "", 0, 0.001, None, 0)
+        assert stream.getvalue() == ""
+        await async_wait_for(lambda: asyncio.sleep(0, stream.getvalue().count("\n") == 2), what="two access lines")
+        assert stream.getvalue().splitlines() == [
+            "INFO test.router.access.batch: id=r-1 model=m backend=a status=200 latency_ms=12.3 ttfb_ms=4.5 bytes=17",
+            "INFO test.router.access.batch: id=r-2 model=- backend=- status=- latency_ms=1.0 ttfb_ms=- bytes=0"]
+    finally:
+        logger.removeHandler(handler)

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from ..config.router import RouterConfig
 from ..errors import ApiError, error_body
+from .access import AccessLog
 from .balancer import Route
 from .health import Health
 from .stats import usage_of
@@ -20,7 +21,6 @@ from .table import CLOSED, Backend, Table
 from .upstream import ConnectFailed, Pool, Response, UpstreamBroken, UpstreamTimeout
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("infinilm_svc.router.access")
 
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
                           "/v1/embeddings", "/embeddings"})
@@ -32,8 +32,16 @@ DROP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "pr
                            "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "date",
                            "server"})
 RETRY_STATUSES = frozenset({502, 503, 504})
-_INFO = logging.INFO
-_ACCESS_FMT = "id=%s model=%s backend=%s status=%s latency_ms=%.1f ttfb_ms=%s bytes=%d"
+
+
+def content_texts(content: Any) -> list[str]:
+    """The text pieces of one message's `content`: a string, or a list of parts with `text`/`content`."""
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return []
+    return [v for p in content if isinstance(p, dict) for k in ("text", "content")
+            if isinstance(v := p.get(k), str)]
 
 
 def message_text(data: dict) -> str | None:
@@ -42,19 +50,9 @@ def message_text(data: dict) -> str | None:
     if isinstance(msgs, list):
         parts = []
         for m in msgs:
-            if not isinstance(m, dict):
-                continue
-            c = m.get("content")
-            if isinstance(c, str):
-                parts.append(c)
-            elif isinstance(c, list):
-                for p in c:
-                    if isinstance(p, dict):
-                        for k in ("text", "content"):
-                            v = p.get(k)
-                            if isinstance(v, str):
-                                parts.append(v)
-            parts.append("\x1e")  # message boundary
+            if isinstance(m, dict):
+                parts.extend(content_texts(m.get("content")))
+                parts.append("\x1e")  # message boundary
         return "".join(parts)
     prompt = data.get("prompt")
     if isinstance(prompt, str):
@@ -67,20 +65,8 @@ def message_text(data: dict) -> str | None:
 def message_size(data: dict) -> int:
     """UTF-8 bytes of message text (upstream's cache-type routing measure), not the body size."""
     msgs = data.get("messages")
-    total = 0
     if isinstance(msgs, list):
-        for m in msgs:
-            c = m.get("content") if isinstance(m, dict) else None
-            if isinstance(c, str):
-                total += len(c.encode())
-            elif isinstance(c, list):
-                for p in c:
-                    if isinstance(p, dict):
-                        for k in ("text", "content"):
-                            v = p.get(k)
-                            if isinstance(v, str):
-                                total += len(v.encode())
-        return total
+        return sum(len(t.encode()) for m in msgs if isinstance(m, dict) for t in content_texts(m.get("content")))
     prompt = data.get("prompt")
     if isinstance(prompt, str):
         return len(prompt.encode())
@@ -113,6 +99,7 @@ class Proxy:
         self.threshold = config.cache_type_threshold
         self.session_header = config.session_header
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.access = AccessLog() if config.access_log else None
 
     def check_key(self, request: web.Request) -> None:
         if self.keys is not None and request.headers.get("Authorization") not in self.keys:
@@ -301,12 +288,8 @@ class Proxy:
                            "server_error", "bad_gateway")
         finally:
             mstats.in_flight -= 1
-            if self.config.access_log and access_log.isEnabledFor(_INFO):
-                # A record built directly: no caller lookup, formatting only if a handler emits it.
-                access_log.handle(logging.LogRecord(
-                    access_log.name, _INFO, __file__, 0, _ACCESS_FMT,
-                    (rid, model or "-", b.name if b else "-", status or "-", (loop.time() - t0) * 1000,
-                     f"{ttfb * 1000:.1f}" if ttfb is not None else "-", nbytes), None))
+            if self.access is not None:
+                self.access.add(rid, model, b.name if b else "", status, loop.time() - t0, ttfb, nbytes)
 
     def _response_headers(self, resp: Response, rid: str, b: Backend) -> dict[str, str]:
         out = {k: v for k, v in resp.headers if k.lower() not in DROP_RESPONSE}
