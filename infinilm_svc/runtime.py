@@ -23,6 +23,11 @@ class HostedApp:
     port: int
 
 
+# Callables a role registers on its app to run when a second signal forces the exit (no awaiting
+# is possible then): the babysitter KILLs its backend's process group so nothing is orphaned.
+FORCE_EXIT_HOOKS = web.AppKey("force_exit_hooks", list)
+
+
 class StartupError(Exception):
     """A role could not start (port taken, bad address, failed startup hook)."""
 
@@ -58,6 +63,12 @@ async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None) -> int
             stop.set()
         else:
             log.warning("second signal: forcing exit")
+            for hosted in apps:
+                for hook in hosted.app.get(FORCE_EXIT_HOOKS, ()):
+                    try:
+                        hook()
+                    except Exception:  # noqa: BLE001 - exiting anyway
+                        log.exception("force-exit hook failed")
             os._exit(1)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

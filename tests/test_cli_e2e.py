@@ -103,3 +103,57 @@ def test_json_log_format_writes_one_object_per_line(procs, pyz_path, tmp_path):
     records = [json.loads(line) for line in procs.output(proc).splitlines() if line.strip()]
     assert any(r["msg"].startswith("registry registry listening on") and r["level"] == "info" for r in records)
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+
+
+STUBBORN_BACKEND = r'''
+import http.server, json, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)   # only KILL stops it
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+'''
+
+
+def test_a_second_signal_forces_the_exit_and_kills_the_backend_group(procs, pyz_path, tmp_path):
+    """The first SIGTERM waits for a backend that ignores TERM; a second one exits at once, no orphan."""
+    import os
+
+    port = free_port(pair=True)
+    (tmp_path / "stubborn.py").write_text(STUBBORN_BACKEND)
+    cfg = tmp_path / "b.toml"
+    cfg.write_text(f'name = "stubborn"\nhost = "127.0.0.1"\nbind = "127.0.0.1"\nport = {port}\n'
+                   f'[babysitter]\nstop_timeout = 120\nlog_dir = "{tmp_path}"\n'
+                   f'[backend]\ntype = "command"\ncommand = "{sys.executable}"\n'
+                   f'args = ["{tmp_path / "stubborn.py"}", "{port}"]\n')
+    proc = procs.pyz("--config", str(cfg), name="babysitter")
+    base = f"http://127.0.0.1:{port + 1}"
+    wait_for(lambda: http_get_json(base + "/health")[0] == 200, timeout=30, what="backend running")
+    child = http_get_json(base + "/status")[1]["pid"]
+    try:
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping backend" in procs.output(proc), timeout=10, what="babysitter stopping the backend")
+        assert proc.poll() is None, "the first signal must wait for the backend (stop_timeout = 120 s)"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 1
+        assert "second signal: forcing exit" in procs.output(proc)
+
+        def child_gone():
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return True
+            # Killed but not yet reaped by init counts as gone.
+            return open(f"/proc/{child}/stat").read().split(")")[1].split()[0] == "Z"
+
+        wait_for(child_gone, timeout=10, what=f"backend pid {child} killed")
+    finally:
+        try:  # the backend is in its own session: the procs fixture cannot reach it if this failed
+            if b"stubborn.py" in open(f"/proc/{child}/cmdline", "rb").read():
+                os.kill(child, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware
+from ..runtime import FORCE_EXIT_HOOKS
 from .logbook import LogBook, LogLine, RotatingLogFile
 from .metrics import make_metrics
 from .registration import Registration
@@ -225,6 +226,7 @@ def create_app(config: BabysitterConfig) -> web.Application:
         supervisor.listeners.append(registration.poke)
     app[METRICS] = make_metrics(supervisor, logbook, registration)
     app.cleanup_ctx.append(_supervision)
+    app[FORCE_EXIT_HOOKS] = [app[SUPERVISOR].kill_now]
     app.on_shutdown.append(_end_followers)
     r = app.router
     r.add_get("/health", health)

@@ -122,6 +122,11 @@ class BackendProcess:
         except (ProcessLookupError, PermissionError):
             return False
 
+    def kill_group(self) -> None:
+        """KILL the whole group at once, without waiting (the babysitter is being forced out)."""
+        if self.proc.returncode is None:
+            self._signal_group(signal.SIGKILL)
+
     async def stop(self, sig: int, timeout: float) -> int:
         """Send `sig` to the whole group, wait up to `timeout`, then KILL the group; the exit code."""
         if self.proc.returncode is None:

@@ -117,6 +117,11 @@ class Supervisor:
         self._restart_now = True
         self._wake.set()
 
+    def kill_now(self) -> None:
+        """Last resort when the process is forced to exit: KILL the backend's group, no waiting."""
+        if self.process is not None:
+            self.process.kill_group()
+
     async def close(self) -> None:
         """Stop supervising and stop the backend (TERM to its group, stop_timeout, KILL)."""
         self._closing = True
