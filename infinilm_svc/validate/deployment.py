@@ -24,7 +24,8 @@ class Answer:
     stream: bool
     status: int | None = None
     content: str = ""
-    served_by: str | None = None      # the mock name in the answer
+    served_by: str | None = None      # the backend record that answered
+    routed_to: str | None = None      # the backend the router says it used (X-InfiniLM-Backend)
     done: bool = False                # streaming: saw data: [DONE]
     error: str | None = None
 
@@ -159,6 +160,7 @@ async def chat(run: Run, model: str, stream: bool, tag: str) -> Answer:
         async with run.session.post(f"{run.router}/v1/chat/completions", json=body, timeout=timeout,
                                     headers={"X-Request-ID": ans.request_id}) as resp:
             ans.status = resp.status
+            ans.routed_to = resp.headers.get("X-InfiniLM-Backend")
             if resp.status != 200:
                 raw = await resp.read()
                 try:
@@ -202,11 +204,19 @@ async def chat(run: Run, model: str, stream: bool, tag: str) -> Answer:
         return ans
     m = ANSWER_RE.search(ans.content)
     if m:
+        # A mock names itself in its answer: that attribution does not depend on the router.
         ans.served_by = run.backend_for_mock(m.group(1)) or f"?{m.group(1)}"
         if m.group(2) != model:
             ans.error = f"answer is for model {m.group(2)!r}, asked for {model!r}"
+        elif ans.routed_to and ans.error is None and ans.routed_to != ans.served_by:
+            ans.error = (f"the router says {ans.routed_to} served it (X-InfiniLM-Backend) but the answer "
+                         f"comes from {ans.served_by}")
+    elif ans.error is None and ans.routed_to and run.record(ans.routed_to) is not None:
+        # A real model does not name its server: take the router's word for it.
+        ans.served_by = ans.routed_to
     elif ans.error is None:
-        ans.error = f"answer does not say who served it (no 'Hello from <name> (model: M)'): {shorten(ans.content)}"
+        ans.error = (f"answer does not say who served it (no 'Hello from <name> (model: M)' and no "
+                     f"X-InfiniLM-Backend header naming a registered backend): {shorten(ans.content)}")
     run.answers.append(ans)
     return ans
 
