@@ -320,3 +320,26 @@ async def test_access_log_batch_writes_one_formatted_line_per_request():
             "INFO test.router.access.batch: id=r-2 model=- backend=- status=- latency_ms=1.0 ttfb_ms=- bytes=0"]
     finally:
         logger.removeHandler(handler)
+
+
+async def test_an_unexpected_error_is_answered_in_the_envelope_on_every_route(dep):
+    """Each route carries the error envelope itself (no app middleware): a bug in the proxy path
+    or in a local endpoint still answers a JSON 500, not aiohttp's bare error page."""
+    from infinilm_svc.router.app import PROXY, TABLE
+    await dep.start_mock("a", ["m"])
+    await dep.start_router()
+    await dep.wait_routable(1)
+    app = dep.router_app
+
+    async def broken_forward(request, rid):
+        raise RuntimeError("boom")
+
+    def broken_health():
+        raise RuntimeError("boom")
+    app[PROXY]._forward = broken_forward
+    app[TABLE].health_json = broken_health
+    status, data, _ = await dep.post("/v1/chat/completions", {"model": "m", "messages": []})
+    assert status == 500 and data["error"] == {"message": "internal error: RuntimeError", "type": "server_error",
+                                               "code": None}
+    status, data, _ = await dep.get("/health")
+    assert status == 500 and data["error"]["type"] == "server_error"

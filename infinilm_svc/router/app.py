@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +33,7 @@ PROXY = web.AppKey("router_proxy", Proxy)
 SESSION = web.AppKey("router_session", aiohttp.ClientSession)
 
 _JSON = "application/json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(data: object) -> web.Response:
@@ -117,7 +119,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: RouterConfig) -> web.Application:
     """The router app: local endpoints, the catch-all proxy, discovery and health loops."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body)
+    # No app middleware: each route is wrapped in error_middleware itself, which spares every proxied
+    # request aiohttp's middleware chain (a cached-chain lookup and its current_app wrapper).
+    app = web.Application(client_max_size=config.max_body)
     policies: dict[str, object] = {}
 
     def policy_for(model: str) -> object:
@@ -142,12 +146,14 @@ def create_app(config: RouterConfig) -> web.Application:
     table.rebuild()
     app.cleanup_ctx.append(_lifecycle)
     r = app.router
-    r.add_get("/health", handle_health, allow_head=False)
-    r.add_get("/status", handle_health, allow_head=False)
-    r.add_get("/models", handle_models, allow_head=False)
-    r.add_get("/v1/models", handle_v1_models, allow_head=False)
-    r.add_get("/services", handle_services, allow_head=False)
-    r.add_get("/stats", handle_stats, allow_head=False)
-    r.add_get("/metrics", handle_metrics, allow_head=False)
-    r.add_route("*", "/{tail:.*}", app[PROXY].handle)
+    for path, handler in (("/health", handle_health), ("/status", handle_health), ("/models", handle_models),
+                          ("/v1/models", handle_v1_models), ("/services", handle_services),
+                          ("/stats", handle_stats), ("/metrics", handle_metrics)):
+        r.add_get(path, enveloped(handler), allow_head=False)
+    r.add_route("*", "/{tail:.*}", enveloped(app[PROXY].handle))
     return app
+
+
+def enveloped(handler: Handler) -> Handler:
+    """`handler` with every error answered in the OpenAI envelope (error_middleware, per route)."""
+    return functools.partial(error_middleware, handler=handler)
