@@ -8,6 +8,8 @@ import pytest
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 
+from conftest import async_wait_for
+
 
 def rec(name="svc", status="running"):
     return {"name": name, "host": "127.0.0.1", "port": 9100, "status": status}
@@ -29,10 +31,18 @@ async def watch(client, index: int, wait: str = "10s"):
     return int(r.headers["X-Registry-Index"]), await r.json()
 
 
+async def parked(client, n: int) -> None:
+    """Wait until `n` watchers are blocked in the registry, so a change must wake them (not be seen at once)."""
+    async def enough() -> bool:
+        return (await (await client.get("/stats")).json())["watchers"] >= n
+
+    await async_wait_for(enough, timeout=10, what=f"{n} parked watcher(s)")
+
+
 async def _woken_by(client, action) -> tuple[int, int, dict]:
     before = await index_of(client)
     task = asyncio.create_task(watch(client, before))
-    await asyncio.sleep(0)  # let the watcher send its request before the change
+    await parked(client, 1)
     await action()
     after, body = await asyncio.wait_for(task, 10)
     return before, after, body
@@ -81,10 +91,13 @@ async def test_plain_heartbeats_do_not_wake_watchers(client):
 async def test_many_watchers_all_wake_on_one_change(client):
     idx = await index_of(client)
     watchers = [asyncio.create_task(watch(client, idx)) for _ in range(50)]
-    await asyncio.sleep(0)
+    await parked(client, 50)
+    text = await (await client.get("/metrics")).text()
+    assert "infinilm_registry_watchers 50.0" in text
     await client.post("/services", json=rec("x"))
     results = await asyncio.wait_for(asyncio.gather(*watchers), 10)
     assert all(i > idx and b["total"] == 1 for i, b in results)
+    assert (await (await client.get("/stats")).json())["watchers"] == 0
 
 
 async def test_a_stale_index_returns_at_once(client):

@@ -314,7 +314,10 @@ async def test_access_log_batch_writes_one_formatted_line_per_request():
         access.add("r-1", "m", "a", 200, 0.0123, 0.0045, 17)
         access.add("r-2", "", "", 0, 0.001, None, 0)
         assert stream.getvalue() == ""
-        await async_wait_for(lambda: asyncio.sleep(0, stream.getvalue().count("\n") == 2), what="two access lines")
+        async def two_lines() -> bool:
+            return stream.getvalue().count("\n") == 2
+
+        await async_wait_for(two_lines, what="two access lines")
         assert stream.getvalue().splitlines() == [
             "INFO test.router.access.batch: id=r-1 model=m backend=a status=200 latency_ms=12.3 ttfb_ms=4.5 bytes=17",
             "INFO test.router.access.batch: id=r-2 model=- backend=- status=- latency_ms=1.0 ttfb_ms=- bytes=0"]

@@ -35,7 +35,7 @@ async def raw_server(answers: list[bytes | None], conns: list | None = None):
                         return
                     writer.write(piece)
                     await writer.drain()
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # pacing, not waiting: each piece arrives as its own read
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
     port = free_port()

@@ -248,6 +248,7 @@ async def stats(request: web.Request) -> web.Response:
         "host_distribution": dict(Counter(s["host"] for s in services)),
         "uptime": round(time.time() - request.app[STARTED], 3),
         "index": table.index,
+        "watchers": table.watchers,
         **{k: v for k, v in table.counters.items()},
         "timestamp": rfc3339(),
     })

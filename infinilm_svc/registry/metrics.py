@@ -43,6 +43,9 @@ class TableCollector:
         g = GaugeMetricFamily("infinilm_registry_index", "Change index of the table (watch position)")
         g.add_metric([], self.table.index)
         yield g
+        g = GaugeMetricFamily("infinilm_registry_watchers", "Blocking queries (watches) parked now")
+        g.add_metric([], self.table.watchers)
+        yield g
 
 
 def make_metrics(table: ServiceTable) -> CollectorRegistry:

@@ -36,6 +36,7 @@ class ServiceTable:
         self._healthy: dict[str, bool] = {}   # health as last published, to detect lapses
         self.index = 1
         self._event: asyncio.Event | None = None
+        self.watchers = 0                      # blocking queries parked right now
         self.on_change: list[Callable[[], None]] = []
         self.counters = {"registrations": 0, "heartbeats": 0, "expiries": 0, "deregistrations": 0}
 
@@ -55,10 +56,13 @@ class ServiceTable:
         if self._event is None:
             self._event = asyncio.Event()
         event = self._event
+        self.watchers += 1
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except asyncio.TimeoutError:
             pass
+        finally:
+            self.watchers -= 1
 
     # -- health --------------------------------------------------------------------------
     def is_healthy(self, rec: dict, now: float) -> bool:
