@@ -103,6 +103,17 @@ async def error_middleware(request: web.Request, handler):
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
+def parse_json_object(raw: bytes) -> dict:
+    """Parse a request body that must be a JSON object, or raise ApiError 400 saying what is wrong."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"invalid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return data
+
+
 async def read_json_object(request: web.Request) -> dict:
     """Read the request body as a JSON object, or raise ApiError 400/413 saying what is wrong."""
     try:
@@ -112,10 +123,4 @@ async def read_json_object(request: web.Request) -> dict:
                        code="body_too_large") from exc
     if not raw.strip():
         raise ApiError(400, "request body is empty; a JSON object is required", code="invalid_json")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"invalid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    return data
+    return parse_json_object(raw)

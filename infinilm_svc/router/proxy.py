@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config.router import RouterConfig
-from ..errors import ApiError, error_body
+from ..errors import ApiError, error_body, parse_json_object
 from .access import AccessLog
 from .balancer import Route
 from .health import Health
@@ -132,12 +132,7 @@ class Proxy:
         data: Any = None
         model = ""
         if body and (path.partition("?")[0] in OPENAI_PATHS or "json" in rh.get("Content-Type", "")):
-            try:
-                data = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
-            if not isinstance(data, dict):
-                raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+            data = parse_json_object(body)
             m = data.get("model")
             if m is not None:
                 if not isinstance(m, str):
