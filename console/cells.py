@@ -106,10 +106,13 @@ def model_cells(row: ModelRow, colour: Colour) -> dict[str, object]:
     }
 
 
+STREAM_LABELS = {"stdout": "out", "stderr": "err", "babysitter": "bs"}
+
+
 def log_text(line: LogLine, colour: Colour) -> Text:
     """One log line: time, stream, text; babysitter markers and stderr stand out."""
     style = {"stderr": colour("error"), "babysitter": f"bold {colour('warning')}"}.get(line.stream, "")
     t = Text(fmt_clock(line.ts) + " ", style="dim")
-    t.append(f"{line.stream[:3]:<3} ", style="dim")
+    t.append(f"{STREAM_LABELS.get(line.stream, line.stream[:3]):<3} ", style="dim")
     t.append(line.line, style=style)
     return t
