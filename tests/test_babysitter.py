@@ -169,7 +169,7 @@ def test_hung_backend_is_restarted(procs, tmp_path):
 def test_backend_never_ready_is_killed_after_ready_timeout(procs, tmp_path):
     port = free_port(pair=True)
     cfg = write_babysitter(tmp_path, "bs-slow", port, {"type": "command", "command": f"{PY} -c",
-                                                      "args": ["import time; print('loading', flush=True); time.sleep(60)"]},
+                                                      "args": ["import signal; print('loading', flush=True); signal.pause()"]},
                            policy={"ready_timeout": 0.5})
     start_babysitter(procs, cfg)
     st = wait_for(lambda: (s := status(port))["restarts"] >= 1 and s["last_exit_reason"] and s, what="a restart")
