@@ -59,8 +59,13 @@ case "${1:-build}" in
     test)
         shift || true
         ensure_venv; install_deps "[test]"; build_pyz
-        echo "build.sh: running tests"
-        exec "$VENV/bin/python" -m pytest -p no:cacheprovider "$@" ;;
+        # The whole suite runs on uvloop (what every role uses where it can) and on asyncio's own loop.
+        status=0
+        for loop in ${INFINILM_TEST_LOOPS:-uvloop asyncio}; do
+            echo "build.sh: running tests on the $loop event loop"
+            INFINILM_LOOP=$loop "$VENV/bin/python" -m pytest -p no:cacheprovider "$@" || status=$?
+        done
+        exit $status ;;
     bench)
         shift || true
         ensure_venv; install_deps "[test]"; build_pyz

@@ -1,12 +1,14 @@
-"""Benchmark: the router's own CPU per proxied request and per streamed chunk, and its added latency.
+"""Benchmark: the router's own CPU per proxied request and per streamed chunk, its added latency, its RSS.
 
 Runs every contender as a separate process in front of the same mock backends, drives the same load
 from a separate load-generator process, and reads the contender's utime+stime from /proc/<pid>/stat
-around the measured run. Contenders: infinilm-svc's router (access log on and off), vllm-router
-(if installed, e.g. `python -m venv /tmp/vr-venv && /tmp/vr-venv/bin/pip install vllm-router`), and
-a bare aiohttp ClientSession proxy (the floor for an aiohttp-based router). Prints numbers only.
+around the measured run. Contenders: infinilm-svc's router (uvloop with the access log on, the
+default; access log off; asyncio's own loop), the same router with 1,000 registered backends (one
+mock process listening on 1,000 ports), vllm-router (if installed, e.g. `python -m venv
+/tmp/vr-venv && /tmp/vr-venv/bin/pip install vllm-router`), and a bare aiohttp ClientSession proxy.
+Prints numbers, and ratios against vllm-router measured in the same run.
 
-    .venv/bin/python bench/router_overhead.py [--requests 4000] [--concurrency 16] [--chunks 40]
+    .venv/bin/python bench/router_overhead.py [--requests 4000] [--rounds 3] [--fleet 1000]
 """
 from __future__ import annotations
 
@@ -103,6 +105,29 @@ def loadgen_main(argv: list[str]) -> int:
 
 
 # ----------------------------------------------------------------------------- bare aiohttp proxy
+def fleet_mock_main(argv: list[str]) -> int:
+    """One mock app listening on many ports: a fleet of backends for the price of one process."""
+    import resource
+
+    from aiohttp import web
+
+    from infinilm_svc.mock.app import create_app
+    from infinilm_svc.mock.options import MockOptions
+    first, n = int(argv[0]), int(argv[1])
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    async def serve() -> None:
+        runner = web.AppRunner(create_app(MockOptions(name="fleet", port=first, models=("bench-model",), host=HOST)),
+                               access_log=None)
+        await runner.setup()
+        for port in range(first, first + n):
+            await web.TCPSite(runner, HOST, port).start()
+        await asyncio.Event().wait()
+    asyncio.run(serve())
+    return 0
+
+
 def bare_proxy_main(argv: list[str]) -> int:
     """The simplest aiohttp proxy: one ClientSession, round robin, SSE relayed as it arrives."""
     import itertools
@@ -184,25 +209,52 @@ def measure(pid: int | None, url: str, n: int, c: int, stream: bool) -> dict:
     return res
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def static_file(path: Path, ports: list[int]) -> Path:
+    path.write_text(json.dumps({"services": [
+        {"name": f"b{i}", "host": HOST, "port": p, "metadata": {"type": "openai-api", "models": ["bench-model"]}}
+        for i, p in enumerate(ports)]}))
+    return path
+
+
+def router_contender(tmp: Path, label: str, static: Path, access: bool, loop: str) -> tuple[str, list[str], int]:
+    port = free_port()
+    cfg = tmp / f"router-{port}.toml"
+    # Active checks every 60 s: this measures the request path, not the health checker.
+    cfg.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nstatic_services = "{static}"\n'
+                   f"access_log = {'true' if access else 'false'}\nhealth_interval = 60.0\n")
+    return label, [sys.executable, "-m", "infinilm_svc", "--config", str(cfg), "--log-level", "info",
+                   "--loop", loop], port
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "loadgen":
         return loadgen_main(argv[1:])
     if argv and argv[0] == "bare-proxy":
         return bare_proxy_main(argv[1:])
+    if argv and argv[0] == "fleet-mock":
+        return fleet_mock_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=4000)
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=64, help="concurrency of the throughput runs")
     p.add_argument("--chunks", type=int, default=40, help="content chunks per streamed answer")
     p.add_argument("--chunk-interval", type=float, default=0.002,
                    help="seconds between streamed chunks at the mock, so each SSE event is its own read")
     p.add_argument("--backends", type=int, default=2)
+    p.add_argument("--fleet", type=int, default=1000, help="backends of the fleet contender (0: skip it)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
-    p.add_argument("--uvloop-python", default=None, metavar="PYTHON",
-                   help="also run our router under uvloop with this interpreter (needs aiohttp, prometheus_client, uvloop)")
+    p.add_argument("--bare", action="store_true", help="also run a bare aiohttp ClientSession proxy")
     p.add_argument("--vllm-router", default=shutil.which("vllm-router") or "/tmp/vr-venv/bin/vllm-router")
     a = p.parse_args(argv)
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     try:
         ports = [free_port() for _ in range(a.backends)]
         backends = [f"http://{HOST}:{p}" for p in ports]
@@ -215,48 +267,37 @@ def main(argv: list[str]) -> int:
                 wait_http(b + "/health")
             return out
         mocks = start_mocks(0.0)
-        static = tmp / "services.json"
-        static.write_text(json.dumps({"services": [
-            {"name": f"b{i}", "host": HOST, "port": int(u.rsplit(":", 1)[1]),
-             "metadata": {"type": "openai-api", "models": ["bench-model"]}} for i, u in enumerate(backends)]}))
+        static = static_file(tmp / "services.json", ports)
 
-        contenders: list[tuple[str, list[str], int]] = []
-        for label, access in (("infinilm-svc router", "true"), ("infinilm-svc router, access log off", "false")):
+        contenders = [router_contender(tmp, "infinilm-svc router (uvloop, access log)", static, True, "uvloop"),
+                      router_contender(tmp, "infinilm-svc router, access log off", static, False, "uvloop"),
+                      router_contender(tmp, "infinilm-svc router, asyncio loop", static, True, "asyncio")]
+        if a.fleet:
+            first = 20000 + os.getpid() % 20000
+            procs.start([sys.executable, __file__, "fleet-mock", str(first), str(a.fleet)], cwd=ROOT, env=env)
+            wait_http(f"http://{HOST}:{first + a.fleet - 1}/health", 60)
+            fleet = static_file(tmp / "fleet.json", list(range(first, first + a.fleet)))
+            contenders.append(router_contender(tmp, f"infinilm-svc router, {a.fleet} backends", fleet, True, "uvloop"))
+        if a.bare:
             port = free_port()
-            cfg = tmp / f"router-{access}.toml"
-            cfg.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nstatic_services = "{static}"\n'
-                           f"access_log = {access}\nhealth_interval = 5.0\n")
-            contenders.append((label, [sys.executable, "-m", "infinilm_svc", "--config", str(cfg),
-                                       "--log-level", "info"], port))
-        if a.uvloop_python:
-            port = free_port()
-            cfg = tmp / "router-uvloop.toml"
-            cfg.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nstatic_services = "{static}"\n'
-                           "access_log = false\nhealth_interval = 5.0\n")
-            code = ("import sys, uvloop; uvloop.install(); from infinilm_svc.cli import main; "
-                    f"sys.exit(main(['--config', {str(cfg)!r}]))")
-            contenders.append(("infinilm-svc router, log off, uvloop", [a.uvloop_python, "-c", code], port))
-        port = free_port()
-        contenders.append(("bare aiohttp proxy", [sys.executable, __file__, "bare-proxy", str(port),
-                                                  ",".join(backends)], port))
+            contenders.append(("bare aiohttp proxy", [sys.executable, __file__, "bare-proxy", str(port),
+                                                      ",".join(backends)], port))
+        vllm = "vllm-router (Rust)"
         if os.path.exists(a.vllm_router):
             port = free_port()
-            contenders.append(("vllm-router (Rust)", [a.vllm_router, "--host", HOST, "--port", str(port),
-                                                      "--policy", "round_robin", "--log-level", "warning",
-                                                      "--worker-urls", *backends], port))
+            contenders.append((vllm, [a.vllm_router, "--host", HOST, "--port", str(port), "--policy", "round_robin",
+                                      "--log-level", "warning", "--worker-urls", *backends], port))
         else:
             print(f"vllm-router not found at {a.vllm_router}: skipped")
 
-        print(f"backends: {a.backends} mocks; {a.requests} requests at concurrency {a.concurrency}; "
-              f"streams of {a.chunks} content chunks {a.chunk_interval * 1000:g} ms apart; {a.rounds} rounds (medians); {os.cpu_count()} CPUs\n")
-        direct = {
-            "plain": measure(None, backends[0], a.requests, a.concurrency, False),
-            "serial": measure(None, backends[0], 300, 1, False),
-        }
+        print(f"backends: {a.backends} mocks ({a.fleet} in the fleet row); {a.requests} requests at concurrency "
+              f"{a.concurrency}; streams of {a.chunks} content chunks {a.chunk_interval * 1000:g} ms apart; "
+              f"{a.rounds} rounds (medians); {os.cpu_count()} CPUs\n")
+        direct = {"plain": measure(None, backends[0], a.requests, a.concurrency, False),
+                  "serial": measure(None, backends[0], 300, 1, False)}
         running = []
         for label, args, port in contenders:
-            proc = procs.start(args, cwd=ROOT, stderr=open(tmp / f"{port}.log", "wb"),
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+            proc = procs.start(args, cwd=ROOT, stderr=open(tmp / f"{port}.log", "wb"), env=env)
             url = f"http://{HOST}:{port}"
             try:
                 wait_http(url + "/health", 60)
@@ -273,6 +314,7 @@ def main(argv: list[str]) -> int:
                 plain = measure(proc.pid, url, a.requests, a.concurrency, False)
                 serial = measure(proc.pid, url, 300, 1, False)
                 results[label].append([plain, None, serial])
+        rss = {label: rss_mb(proc.pid) for label, proc, _ in running}
         # Streams: the same mocks restarted on the same ports with a pause between chunks, so each
         # SSE event reaches the router as its own read (as tokens do from a real backend).
         for m in mocks:
@@ -280,31 +322,42 @@ def main(argv: list[str]) -> int:
         mocks = start_mocks(a.chunk_interval)
         for i in range(a.rounds):
             for label, proc, url in running:
+                if "backends" in label:   # the fleet mock streams without pauses: no per-chunk figure
+                    results[label][i][1] = results[label][i][0]
+                    continue
                 results[label][i][1] = measure(proc.pid, url, a.requests // 8, a.concurrency, True)
         med = statistics.median
         events = a.chunks + 3  # role delta, content chunks, final chunk, [DONE]
-        rows = []
+        rows = {}
         for label, runs in results.items():
-            plain = {k: med(r[0][k] for r in runs) for k in ("cpu_us_per_req", "rps", "p50_ms", "errors")}
-            stream = {k: med(r[1][k] for r in runs) for k in ("cpu_us_per_req", "errors")}
-            serial = {k: med(r[2][k] for r in runs) for k in ("p50_ms", "errors")}
-            # Per chunk: the streamed request's CPU beyond a plain request's, over its SSE events.
+            plain = {k: med(r[0][k] for r in runs) for k in ("cpu_us_per_req", "rps", "p50_ms", "p99_ms")}
+            stream = {k: med(r[1][k] for r in runs) for k in ("cpu_us_per_req",)}
+            serial = {k: med(r[2][k] for r in runs) for k in ("p50_ms", "p99_ms")}
             per_chunk = max(0.0, stream["cpu_us_per_req"] - plain["cpu_us_per_req"]) / events
-            plain["errors"] = sum(r[0]["errors"] for r in runs)
-            stream["errors"] = sum(r[1]["errors"] for r in runs)
-            serial["errors"] = sum(r[2]["errors"] for r in runs)
-            rows.append((label, plain, stream, serial, per_chunk))
-        print(f"{'contender':38} {'CPU µs/req':>10} {'CPU µs/chunk':>12} {'stream µs/req':>13} "
-              f"{'req/s':>8} {'p50 ms':>7} {'+lat p50 ms':>11} {'errors':>6}")
-        print(f"{'direct to backend':38} {'-':>10} {'-':>12} {'-':>13} {direct['plain']['rps']:8.0f} "
-              f"{direct['plain']['p50_ms']:7.2f} {'-':>11} {0:6d}")
-        for label, plain, stream, serial, per_chunk in rows:
-            added = serial["p50_ms"] - direct["serial"]["p50_ms"]
-            errs = int(plain["errors"] + stream["errors"] + serial["errors"])
-            print(f"{label:38} {plain['cpu_us_per_req']:10.1f} {per_chunk:12.2f} {stream['cpu_us_per_req']:13.1f} "
-                  f"{plain['rps']:8.0f} {plain['p50_ms']:7.2f} {added:11.3f} {errs:6d}")
-        print("\nCPU = router process utime+stime over the measured run / requests. +lat = median latency of "
-              "sequential requests through the router minus direct. Medians over the rounds.")
+            errs = sum(r[0]["errors"] + r[1]["errors"] + r[2]["errors"] for r in runs)
+            rows[label] = (plain, stream, serial, per_chunk, errs)
+        d1, d64 = direct["serial"], direct["plain"]
+        print(f"{'contender':42} {'CPU µs/req':>10} {'µs/chunk':>8} {'+p50 c1':>8} {'+p99 c1':>8} "
+              f"{'+p50 c' + str(a.concurrency):>9} {'+p99 c' + str(a.concurrency):>9} {'req/s':>7} {'RSS MB':>7} {'errors':>6}")
+        print(f"{'direct to backend':42} {'-':>10} {'-':>8} {d1['p50_ms']:8.2f} {d1['p99_ms']:8.2f} "
+              f"{d64['p50_ms']:9.2f} {d64['p99_ms']:9.2f} {d64['rps']:7.0f} {'-':>7} {0:6d}")
+        for label, (plain, stream, serial, per_chunk, errs) in rows.items():
+            chunk = "-" if "backends" in label else f"{per_chunk:8.1f}"
+            print(f"{label:42} {plain['cpu_us_per_req']:10.1f} {chunk:>8} {serial['p50_ms'] - d1['p50_ms']:8.2f} "
+                  f"{serial['p99_ms'] - d1['p99_ms']:8.2f} {plain['p50_ms'] - d64['p50_ms']:9.2f} "
+                  f"{plain['p99_ms'] - d64['p99_ms']:9.2f} {plain['rps']:7.0f} {rss[label]:7.1f} {int(errs):6d}")
+        print("\nCPU = router process utime+stime over the measured run / requests; per chunk = a streamed "
+              "request's CPU beyond a plain one's, over its SSE events. +pNN = latency through the router minus "
+              "direct, at concurrency 1 and the throughput concurrency. Medians over the rounds.")
+        ours = rows.get(contenders[0][0])
+        if ours is not None and vllm in rows:
+            v = rows[vllm]
+            print(f"\nratio to vllm-router (same run): CPU per request {ours[0]['cpu_us_per_req'] / v[0]['cpu_us_per_req']:.2f}x"
+                  f" (target <= 0.7x); CPU per chunk {ours[3] / v[3]:.2f}x (target <= 0.8x)" if v[3] else "")
+        fleet_label = f"infinilm-svc router, {a.fleet} backends"
+        if ours is not None and fleet_label in rows:
+            print(f"{a.fleet} backends vs {a.backends}: CPU per request "
+                  f"{rows[fleet_label][0]['cpu_us_per_req'] / ours[0]['cpu_us_per_req']:.2f}x (target <= 1.10x)")
     finally:
         procs.stop_all()
     return 0

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
 from . import __version__
+from .loops import LOOPS, LoopUnavailable, default_loop, run
 
 USAGE = """\
 infinilm-svc --config FILE [--config FILE ...] [overrides]   run every role the files declare
@@ -28,6 +28,8 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="node or babysitter TOML file (repeatable)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="text", choices=["text", "json"])
+    p.add_argument("--loop", default=default_loop(), choices=LOOPS,
+                   help="event loop: uvloop where available (auto, the default), or asyncio's own")
     g = p.add_argument_group("overrides (upstream babysitter flags, plus --bind)")
     g.add_argument("--name", help="babysitter name (exactly one babysitter)")
     g.add_argument("--port", type=int, help="backend port P (exactly one babysitter)")
@@ -110,7 +112,10 @@ def run_roles(argv: list[str]) -> int:
         return EXIT_USAGE
     apps = build_apps(node)
     try:
-        return asyncio.run(serve(apps))
+        return run(serve(apps), args.loop)
+    except LoopUnavailable as exc:
+        print(f"infinilm-svc: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAIL
 

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any, Awaitable, Protocol
 
 from aiohttp import web
 
@@ -28,15 +29,40 @@ class HostedApp:
 FORCE_EXIT_HOOKS = web.AppKey("force_exit_hooks", list)
 
 
+class RequestHandler(Protocol):
+    """What a role gives to serve its requests itself (aiohttp's low-level handler and factory)."""
+
+    def dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]: ...
+
+    def make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest: ...
+
+
+# A role whose app holds a RequestHandler here is served by it instead of the app's route table
+# (the router does this for its proxy path); the app still owns startup and cleanup.
+REQUEST_HANDLER = web.AppKey("request_handler", RequestHandler)
+
+
+class AppRunner(web.AppRunner):
+    """aiohttp's AppRunner, serving with the app's own RequestHandler when it declares one."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        handler = self.app.get(REQUEST_HANDLER)
+        if handler is not None:
+            server.request_handler = handler.dispatch
+            server.request_factory = handler.make_request
+        return server
+
+
 class StartupError(Exception):
     """A role could not start (port taken, bad address, failed startup hook)."""
 
 
-async def start_app(hosted: HostedApp) -> web.AppRunner:
+async def start_app(hosted: HostedApp) -> AppRunner:
     """Run the app's startup (cleanup_ctx) and open its listening socket."""
     # handler_cancellation: a client that goes away cancels its handler at once, so the router
     # closes the backend connection (and generation stops) without waiting for its next write.
-    runner = web.AppRunner(hosted.app, handle_signals=False, access_log=None, shutdown_timeout=5.0,
+    runner = AppRunner(hosted.app, handle_signals=False, access_log=None, shutdown_timeout=5.0,
                            handler_cancellation=True)
     await runner.setup()
     try:

@@ -15,6 +15,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PYZ = ROOT / "infinilm-svc.pyz"
+# The event loop of this run: INFINILM_LOOP=asyncio or uvloop (./build.sh test runs the suite under
+# both). In-process tests run on it, and the processes the tests start inherit the variable.
+LOOP = os.environ.get("INFINILM_LOOP", "uvloop")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    if LOOP == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_report_header(config):
+    return f"event loop: {LOOP} (INFINILM_LOOP)"
 
 
 def free_port(host: str = "127.0.0.1", pair: bool = False) -> int:

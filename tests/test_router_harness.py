@@ -85,14 +85,11 @@ class Deployment:
         assert self.registry is not None
         await self.registry.register(backend_record(name, port, models, status, **meta))
 
-    async def start_router(self, production_runner: bool = False, **kw: Any) -> str:
-        """Start the router; production_runner=True hosts it exactly as runtime.serve does."""
+    async def start_router(self, **kw: Any) -> str:
+        """Start the router, hosted exactly as runtime.serve hosts it."""
         cfg = router_config(self.registry_url or None, **kw)
         self.router_app = create_router(cfg)
-        if production_runner:
-            self.runners.append(await start_app(HostedApp("router", "router", self.router_app, HOST, cfg.port)))
-        else:
-            await self.aiohttp_server(self.router_app, host=HOST, port=cfg.port)
+        self.runners.append(await start_app(HostedApp("router", "router", self.router_app, HOST, cfg.port)))
         self.router_url = f"http://{HOST}:{cfg.port}"
         return self.router_url
 

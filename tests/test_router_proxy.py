@@ -97,10 +97,9 @@ async def test_backend_dying_mid_stream_ends_with_an_error_event(dep, procs):
     assert last["error"]["code"] == "upstream_stream_error" and "mid-stream" in last["error"]["message"]
 
 
-@pytest.mark.parametrize("production_runner", [False, True], ids=["cancelling-runner", "runtime-runner"])
-async def test_client_disconnect_closes_the_upstream_connection(dep, procs, production_runner):
+async def test_client_disconnect_closes_the_upstream_connection(dep, procs):
     port, _ = await start_mock_process(dep, procs, "a", ["m"], "--chunks", "2000", "--chunk-interval", "0.02")
-    await dep.start_router(health_interval=300, production_runner=production_runner)  # no health probes holding connections to the mock
+    await dep.start_router(health_interval=300)  # no health probes holding connections to the mock
     await dep.wait_routable(1)
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     before = established_to(port)  # the test's own pooled connection from the readiness probe

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from infinilm_svc.client.registry import RegistryClient
@@ -13,7 +14,8 @@ from infinilm_svc.router.app import create_app as create_router
 from infinilm_svc.validate import ValidateOptions
 from infinilm_svc.validate.deployment import Run, chat, refresh_records
 
-from conftest import async_wait_for
+from conftest import async_wait_for, free_port
+from infinilm_svc.runtime import HostedApp, start_app
 
 
 def real_model_backend(*, name_in_answer: str | None = None) -> web.Application:
@@ -44,7 +46,16 @@ def real_model_backend(*, name_in_answer: str | None = None) -> web.Application:
     return app
 
 
-async def deploy(aiohttp_server, backend_app: web.Application) -> tuple[str, str]:
+@pytest.fixture
+async def runners():
+    """Runners started by a test (the router, hosted as the runtime hosts it), cleaned up after it."""
+    started: list = []
+    yield started
+    for runner in started:
+        await runner.cleanup()
+
+
+async def deploy(aiohttp_server, runners: list, backend_app: web.Application) -> tuple[str, str]:
     registry = await aiohttp_server(create_registry(RegistryConfig(probe_interval=0)), host="127.0.0.1")
     registry_url = f"http://127.0.0.1:{registry.port}"
     backend = await aiohttp_server(backend_app, host="127.0.0.1")
@@ -52,9 +63,11 @@ async def deploy(aiohttp_server, backend_app: web.Application) -> tuple[str, str
         await RegistryClient(s, registry_url).register({
             "name": "real-1-server", "host": "127.0.0.1", "port": backend.port, "status": "running",
             "metadata": {"type": "openai-api", "models": ["model-x"]}})
-    router = await aiohttp_server(create_router(RouterConfig(registry_url=registry_url, access_log=False,
-                                                             heartbeat_interval=0.5)), host="127.0.0.1")
-    router_url = f"http://127.0.0.1:{router.port}"
+    port = free_port()
+    runner = await start_app(HostedApp("router", "router", create_router(RouterConfig(
+        registry_url=registry_url, access_log=False, heartbeat_interval=0.5)), "127.0.0.1", port))
+    runners.append(runner)
+    router_url = f"http://127.0.0.1:{port}"
 
     async def routed() -> bool:
         async with aiohttp.ClientSession() as s, s.get(router_url + "/v1/models") as r:
@@ -72,17 +85,17 @@ async def run_chat(registry_url: str, router_url: str, stream: bool):
         return await chat(run, "model-x", stream, "attr")
 
 
-async def test_a_real_models_answer_is_attributed_through_the_routers_header(aiohttp_server):
-    registry_url, router_url = await deploy(aiohttp_server, real_model_backend())
+async def test_a_real_models_answer_is_attributed_through_the_routers_header(aiohttp_server, runners):
+    registry_url, router_url = await deploy(aiohttp_server, runners, real_model_backend())
     for stream in (False, True):
         ans = await run_chat(registry_url, router_url, stream)
         assert ans.error is None, ans
         assert ans.served_by == "real-1-server" and ans.routed_to == "real-1-server"
 
 
-async def test_an_answer_contradicting_the_routers_header_is_an_error(aiohttp_server):
+async def test_an_answer_contradicting_the_routers_header_is_an_error(aiohttp_server, runners):
     """The backend says it is babysitter-z; the router says real-1-server served it: validate says so."""
-    registry_url, router_url = await deploy(aiohttp_server, real_model_backend(name_in_answer="real-1"))
+    registry_url, router_url = await deploy(aiohttp_server, runners, real_model_backend(name_in_answer="real-1"))
     async with aiohttp.ClientSession() as s:
         await RegistryClient(s, registry_url).register({
             "name": "other-server", "host": "127.0.0.1", "port": 9, "status": "stopped",

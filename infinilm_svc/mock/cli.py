@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 
+from ..loops import LOOPS, LoopUnavailable, default_loop, run
 from .options import MockOptions
 
 
@@ -24,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hang-after", type=int, default=None, metavar="N", help="never answer request N+1 or any later one")
     p.add_argument("--startup-delay", type=float, default=0.0, metavar="S", help="seconds before listening")
     p.add_argument("--embedding-dim", type=int, default=16, metavar="N")
+    p.add_argument("--loop", default=default_loop(), choices=LOOPS, help="event loop (default: uvloop where available)")
     # Accepted for compatibility with the upstream mock_service.py; the babysitter registers it.
     p.add_argument("--registry-url", default=None, help=argparse.SUPPRESS)
     return p
@@ -71,9 +73,13 @@ async def _run(options: MockOptions) -> int:
 def main(argv: list[str]) -> int:
     """Run the mock until SIGTERM/SIGINT; exit 1 if it cannot listen, 2 on bad usage."""
     options = parse_options(argv)
+    loop = _parser().parse_args(argv).loop
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(_run(options))
+        return run(_run(options), loop)
+    except LoopUnavailable as exc:
+        print(f"mock: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 1

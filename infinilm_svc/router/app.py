@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -14,14 +12,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..client.registry import RegistryClient
 from ..config.router import RouterConfig
-from ..errors import error_middleware
+from ..runtime import REQUEST_HANDLER
 from .balancer import make_policy
+from .frontdoor import FrontDoor, json_response
 from .discovery import Discovery, deregister, keep_registered, router_record
 from .health import Health
 from .proxy import Proxy
 from .stats import make_registry
 from .table import Table
-from .upstream import Pool
+from .pool import Pool
 
 log = logging.getLogger(__name__)
 
@@ -32,46 +31,38 @@ DISCOVERY = web.AppKey("router_discovery", Discovery)
 PROXY = web.AppKey("router_proxy", Proxy)
 SESSION = web.AppKey("router_session", aiohttp.ClientSession)
 
-_JSON = "application/json"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+def local_endpoints(table: Table, proxy: Proxy) -> dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
+    """The router's own GET endpoints, by path (everything else is proxied)."""
 
+    async def health(request: web.BaseRequest) -> web.Response:
+        """Always 200 (upstream shape); `status` is "healthy" when at least one backend is routable."""
+        return json_response(table.health_json())
 
-def _json(data: object) -> web.Response:
-    return web.Response(text=json.dumps(data), content_type=_JSON)
+    async def models(request: web.BaseRequest) -> web.Response:
+        """The models of the routable backends, deduplicated (precomputed on membership changes)."""
+        return web.Response(body=table.models_body, content_type="application/json")
 
+    async def v1_models(request: web.BaseRequest) -> web.Response:
+        proxy.check_key(request)
+        return web.Response(body=table.models_body, content_type="application/json")
 
-async def handle_health(request: web.Request) -> web.Response:
-    """Always 200 (upstream shape); `status` is "healthy" when at least one backend is routable."""
-    return _json(request.app[TABLE].health_json())
+    async def services(request: web.BaseRequest) -> web.Response:
+        out = [b.to_json() for b in table.backends.values()]
+        return json_response({"services": out, "total": len(out), "registry_url": table.registry_url})
 
+    async def stats(request: web.BaseRequest) -> web.Response:
+        out = [b.to_json() for b in table.backends.values()]
+        return json_response({
+            "total_services": len(out),
+            "healthy_services": table.routable_count,
+            "registry_url": table.registry_url,
+            "registry_reachable": table.registry_ok,
+            "services": out,
+            "models": {m or "(none)": c.to_json() for m, c in table.model_stats.items() if m or c.request_count},
+        })
 
-async def handle_models(request: web.Request) -> web.Response:
-    """The models of the routable backends, deduplicated (precomputed on membership changes)."""
-    return web.Response(body=request.app[TABLE].models_body, content_type=_JSON)
-
-
-async def handle_v1_models(request: web.Request) -> web.Response:
-    request.app[PROXY].check_key(request)
-    return web.Response(body=request.app[TABLE].models_body, content_type=_JSON)
-
-
-async def handle_services(request: web.Request) -> web.Response:
-    t = request.app[TABLE]
-    services = [b.to_json() for b in t.backends.values()]
-    return _json({"services": services, "total": len(services), "registry_url": t.registry_url})
-
-
-async def handle_stats(request: web.Request) -> web.Response:
-    t = request.app[TABLE]
-    services = [b.to_json() for b in t.backends.values()]
-    return _json({
-        "total_services": len(services),
-        "healthy_services": t.routable_count,
-        "registry_url": t.registry_url,
-        "registry_reachable": t.registry_ok,
-        "services": services,
-        "models": {m or "(none)": c.to_json() for m, c in t.model_stats.items() if m or c.request_count},
-    })
+    return {"/health": health, "/status": health, "/models": models, "/v1/models": v1_models,
+            "/services": services, "/stats": stats}
 
 
 async def _cancel(task: asyncio.Task | None) -> None:
@@ -118,9 +109,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: RouterConfig) -> web.Application:
-    """The router app: local endpoints, the catch-all proxy, discovery and health loops."""
-    # No app middleware: each route is wrapped in error_middleware itself, which spares every proxied
-    # request aiohttp's middleware chain (a cached-chain lookup and its current_app wrapper).
+    """The router app: its startup and cleanup (discovery, health, registration, the upstream pool).
+
+    Requests are not served by the app's own router: `REQUEST_HANDLER` gives the runtime the front
+    door's handler, which sends every path other than the local endpoints to the proxy.
+    """
     app = web.Application(client_max_size=config.max_body)
     policies: dict[str, object] = {}
 
@@ -132,28 +125,21 @@ def create_app(config: RouterConfig) -> web.Application:
 
     table = Table(policy_for, config.registry_url)
     health = Health(config, table)
+    proxy = Proxy(config, table, health)
     app[CONFIG] = config
     app[TABLE] = table
     app[HEALTH] = health
     app[DISCOVERY] = Discovery(config, table, health)
-    app[PROXY] = Proxy(config, table, health)
+    app[PROXY] = proxy
     metrics_registry = make_registry(table)
 
-    async def handle_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics_registry),
-                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=generate_latest(metrics_registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     table.rebuild()
     app.cleanup_ctx.append(_lifecycle)
-    r = app.router
-    for path, handler in (("/health", handle_health), ("/status", handle_health), ("/models", handle_models),
-                          ("/v1/models", handle_v1_models), ("/services", handle_services),
-                          ("/stats", handle_stats), ("/metrics", handle_metrics)):
-        r.add_get(path, enveloped(handler), allow_head=False)
-    r.add_route("*", "/{tail:.*}", enveloped(app[PROXY].handle))
+    door = FrontDoor(proxy, table, config.max_body)
+    for path, handler in {**local_endpoints(table, proxy), "/metrics": metrics}.items():
+        door.add_local(path, handler)
+    app[REQUEST_HANDLER] = door
     return app
-
-
-def enveloped(handler: Handler) -> Handler:
-    """`handler` with every error answered in the OpenAI envelope (error_middleware, per route)."""
-    return functools.partial(error_middleware, handler=handler)

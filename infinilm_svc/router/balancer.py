@@ -6,13 +6,41 @@ import math
 import random
 from bisect import bisect_left
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Collection
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 if TYPE_CHECKING:
     from ..config.router import RouterConfig
     from .table import Backend, Group
 
 _NOTHING: frozenset = frozenset()
+
+
+def content_texts(content: Any) -> list[str]:
+    """The text pieces of one message's `content`: a string, or a list of parts with `text`/`content`."""
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return []
+    return [v for p in content if isinstance(p, dict) for k in ("text", "content")
+            if isinstance(v := p.get(k), str)]
+
+
+def message_text(data: dict) -> str | None:
+    """The prompt text of a chat or completion request (for prefix matching), or None."""
+    msgs = data.get("messages")
+    if isinstance(msgs, list):
+        parts = []
+        for m in msgs:
+            if isinstance(m, dict):
+                parts.extend(content_texts(m.get("content")))
+                parts.append("\x1e")  # message boundary
+        return "".join(parts)
+    prompt = data.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return "\x1e".join(prompt)
+    return None
 
 
 class Route:
@@ -40,6 +68,9 @@ class RoundRobin:
     """Rotates through the group's backends; one counter per model (and pool)."""
 
     name = "round_robin"
+
+    def prepare(self, route: Route, data: dict | None, headers: Mapping[str, str], in_flight: int) -> None:
+        """Fill in the fields of `route` this policy picks by (most policies need none)."""
 
     def new_state(self) -> Any:
         return [0]
@@ -158,8 +189,20 @@ class Session(RoundRobin):
     name = "session"
     VNODES = 64
 
-    def __init__(self, load_factor: float) -> None:
+    def __init__(self, load_factor: float, header: str) -> None:
         self.load_factor = load_factor
+        self.header = header
+
+    def prepare(self, route: Route, data: dict | None, headers: Mapping[str, str], in_flight: int) -> None:
+        """The session key: the body's `prompt_cache_key`, else the session header, else `user`."""
+        key = data.get("prompt_cache_key") if data is not None else None
+        if not isinstance(key, str) or not key:
+            key = headers.get(self.header)
+            if not key and data is not None:
+                u = data.get("user")
+                key = u if isinstance(u, str) and u else None
+        route.session_key = key
+        route.in_flight = in_flight
 
     def new_state(self) -> Any:
         return [0, [], []]  # rr counter, sorted ring hashes, backends at those points
@@ -204,6 +247,10 @@ class CacheAware(LeastRequests):
         self.ratio = config.cache_balance_ratio
         self.abs = config.cache_balance_abs
         self.max_entries = config.cache_max_entries
+
+    def prepare(self, route: Route, data: dict | None, headers: Mapping[str, str], in_flight: int) -> None:
+        if data is not None:
+            route.text = message_text(data)
 
     def new_state(self) -> Any:
         return [0, OrderedDict(), {}]  # rr counter, prefix-block hash -> backend name (LRU), name -> backend
@@ -259,7 +306,7 @@ def make_policy(name: str, config: "RouterConfig") -> Any:
     if name == "power_of_two":
         return PowerOfTwo()
     if name == "session":
-        return Session(config.session_load_factor)
+        return Session(config.session_load_factor, config.session_header)
     if name == "cache_aware":
         return CacheAware(config)
     return RoundRobin()

@@ -111,6 +111,7 @@ class Discovery:
         b.registry_healthy = bool(healthy) if healthy is not None else b.state == "running"
         key = self.config.backend_api_keys.get(b.name, self.config.backend_api_key)
         b.auth_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        b.auth_lines = f"Authorization: Bearer {key}\r\n".encode() if key else b""
 
     def load_static(self) -> None:
         if self.config.static_services:

@@ -1,4 +1,4 @@
-"""The forwarding path: choose a backend, retry before the first byte, relay answers and streams."""
+"""The forwarding path: admit a request, pick a backend, attempt (with retries), relay the answer."""
 from __future__ import annotations
 
 import asyncio
@@ -7,59 +7,58 @@ import logging
 import os
 import random
 from itertools import count
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
 from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from .access import AccessLog
-from .balancer import Route
+from .balancer import Route, content_texts
+from .failures import ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, TransportError
 from .health import Health
-from .stats import usage_of
-from .table import CLOSED, Backend, Table
-from .upstream import ConnectFailed, Pool, Response, UpstreamBroken, UpstreamTimeout
+from .pool import Pool
+from .reply import Reply
+from .stats import Counters, usage_of
+from .table import CLOSED, Backend, Group, Table
 
 log = logging.getLogger(__name__)
 
 OPENAI_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
                           "/v1/embeddings", "/embeddings"})
-# Request headers passed to backends (an allow-list; the client's Authorization never is).
-FORWARD_HEADERS = ("Content-Type", "Accept", "User-Agent", "Accept-Language", "OpenAI-Organization",
-                   "OpenAI-Project", "Traceparent", "Tracestate")
+# Request headers passed to backends, by lower-case name (an allow-list: the client's Authorization
+# never is). They are forwarded as the client's own bytes, never decoded and re-encoded.
+FORWARD_HEADERS = frozenset({b"content-type", b"accept", b"accept-encoding", b"user-agent", b"accept-language",
+                             b"openai-organization", b"openai-project", b"traceparent", b"tracestate"})
 # Response headers never copied back (hop-by-hop, or recomputed by the server).
-DROP_RESPONSE = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                           "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "date",
-                           "server"})
+DROP_RESPONSE = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+                           b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"date",
+                           b"server"})
 RETRY_STATUSES = frozenset({502, 503, 504})
+_CLIENT_HIGH_WATER = 1 << 18   # bytes queued for a streaming client before we wait for it to read
 
 
-def content_texts(content: Any) -> list[str]:
-    """The text pieces of one message's `content`: a string, or a list of parts with `text`/`content`."""
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list):
-        return []
-    return [v for p in content if isinstance(p, dict) for k in ("text", "content")
-            if isinstance(v := p.get(k), str)]
+class Failure(NamedTuple):
+    """How one kind of transport error is answered, retried and counted."""
+
+    kind: str             # stats kind before the first byte reached the client
+    stream_kind: str      # stats kind once a stream is under way
+    status: int
+    code: str
+    message: str
+    retry: bool | None    # None: as `retry_on_timeout` says
 
 
-def message_text(data: dict) -> str | None:
-    """The prompt text of a chat or completion request (for prefix matching), or None."""
-    msgs = data.get("messages")
-    if isinstance(msgs, list):
-        parts = []
-        for m in msgs:
-            if isinstance(m, dict):
-                parts.extend(content_texts(m.get("content")))
-                parts.append("\x1e")  # message boundary
-        return "".join(parts)
-    prompt = data.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return "\x1e".join(prompt)
-    return None
+# The one table mapping transport errors to status, retry decision and stats kind.
+FAILURES: dict[type[TransportError], Failure] = {
+    ConnectError: Failure("connect", "connect", 503, "upstream_unavailable",
+                          "Service unavailable - connection refused", True),
+    ReadTimeout: Failure("timeout", "timeout", 504, "upstream_timeout", "Service timeout", None),
+    ConnectionBroken: Failure("upstream_io", "stream_broken", 502, "bad_gateway",
+                              "Bad gateway - error communicating with service", True),
+    ProtocolError: Failure("upstream_protocol", "upstream_protocol", 502, "upstream_protocol",
+                           "Bad gateway - malformed answer from the backend", True),
+}
 
 
 def message_size(data: dict) -> int:
@@ -75,13 +74,76 @@ def message_size(data: dict) -> int:
     return 0
 
 
-class Upstream(Exception):
-    """An attempt failed before anything reached the client."""
+class Exchange:
+    """What one request did, for the access log and the statistics (filled in as it goes)."""
 
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
+    __slots__ = ("rid", "model", "backend", "status", "t0", "ttfb", "nbytes")
+
+    def __init__(self, rid: str, t0: float) -> None:
+        self.rid = rid
+        self.model = ""
+        self.backend = ""
+        self.status = 0
+        self.t0 = t0
+        self.ttfb: float | None = None
+        self.nbytes = 0
+
+
+class Admitted(NamedTuple):
+    """A request that passed admission: its body, parsed JSON (if any), model and backend group."""
+
+    body: bytes
+    data: dict | None
+    model: str
+    group: Group
+    headers: bytes        # header lines forwarded to the backend
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was complete."""
+
+
+class StreamRelay:
+    """Writes a backend's streamed body to the client as it arrives (the reply's sink)."""
+
+    __slots__ = ("transport", "chunked", "writer", "ex", "loop", "gone", "done_seen", "counters")
+
+    def __init__(self, transport: asyncio.Transport, chunked: bool, writer: Any, ex: Exchange,
+                 loop: asyncio.AbstractEventLoop, counters: tuple[Counters, Counters]) -> None:
+        self.transport = transport
+        self.chunked = chunked
+        self.writer = writer
+        self.ex = ex
+        self.loop = loop
+        self.gone = False
+        self.done_seen = False
+        self.counters = counters
+
+    def __call__(self, data: bytes) -> bool:
+        t = self.transport
+        if t.is_closing():
+            self.gone = True
+            return True
+        ex = self.ex
+        if ex.ttfb is None:
+            ex.ttfb = ttfb = self.loop.time() - ex.t0
+            for c in self.counters:
+                c.ttft.add(ttfb)
+        t.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+        ex.nbytes += len(data)
+        if b"[DONE]" in data:
+            self.done_seen = True
+        if b'"usage"' in data:
+            usage = usage_of(data)
+            if usage is not None:
+                for c in self.counters:
+                    c.add_tokens(usage)
+        return t.get_write_buffer_size() > _CLIENT_HIGH_WATER
+
+    async def drain(self) -> None:
+        if self.gone or self.transport.is_closing():
+            raise ClientGone()
+        await self.writer.drain()
 
 
 class Proxy:
@@ -97,47 +159,62 @@ class Proxy:
         self.id_prefix = os.urandom(4).hex()
         self.ids = count(1)
         self.threshold = config.cache_type_threshold
-        self.session_header = config.session_header
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.access = AccessLog() if config.access_log else None
 
-    def check_key(self, request: web.Request) -> None:
+    def check_key(self, request: web.BaseRequest) -> None:
         if self.keys is not None and request.headers.get("Authorization") not in self.keys:
             raise ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
                            "invalid_request_error", "invalid_api_key")
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Every proxied path: route by model and policy, forward, relay."""
-        rid = request.headers.get("X-Request-ID") or f"{self.id_prefix}-{next(self.ids):x}"
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every proxied path: admit, pick, attempt, relay; errors carry the request id."""
+        loop = asyncio.get_running_loop()
+        rid = request.headers.get("X-Request-ID", "")
+        if not rid or len(rid) > 200 or not rid.isascii() or not rid.isprintable():
+            rid = f"{self.id_prefix}-{next(self.ids):x}"
+        ex = Exchange(rid, loop.time())
         try:
-            return await self._forward(request, rid)
+            return await self._forward(request, ex)
         except ApiError as exc:
-            # The router's own error answers carry the request id too.
+            ex.status = exc.status
             exc.headers = {**exc.headers, "X-Request-ID": rid} if exc.headers else {"X-Request-ID": rid}
             raise
         except web.HTTPRequestEntityTooLarge:
+            ex.status = 413
             raise ApiError(413, f"request body too large (limit {self.config.max_body} bytes)",
                            code="body_too_large", headers={"X-Request-ID": rid}) from None
+        finally:
+            if self.access is not None:
+                self.access.add(rid, ex.model, ex.backend, ex.status, loop.time() - ex.t0, ex.ttfb, ex.nbytes)
 
-    async def _forward(self, request: web.Request, rid: str) -> web.StreamResponse:
-        loop = self.loop
-        if loop is None:
-            loop = self.loop = asyncio.get_running_loop()
-        t0 = loop.time()
+    async def _forward(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
+        adm = await self._admit(request, ex)
+        route = Route(adm.model)
+        mstats = self.table.model_stats[adm.model]
+        adm.group.policy.prepare(route, adm.data, request.headers, mstats.in_flight)
+        mstats.request_count += 1
+        mstats.in_flight += 1
+        try:
+            return await self._attempt(request, adm, route, mstats, ex)
+        finally:
+            mstats.in_flight -= 1
+
+    # -- admit: auth, body, model, group -------------------------------------------------------------
+    async def _admit(self, request: web.BaseRequest, ex: Exchange) -> Admitted:
         if self.keys is not None:
             self.check_key(request)
-        rh = request.headers
         body = await request.read() if request.body_exists else b""
         path = request.raw_path
-        data: Any = None
+        data: dict | None = None
         model = ""
-        if body and (path.partition("?")[0] in OPENAI_PATHS or "json" in rh.get("Content-Type", "")):
+        if body and (path.partition("?")[0] in OPENAI_PATHS or "json" in request.headers.get("Content-Type", "")):
             data = parse_json_object(body)
             m = data.get("model")
             if m is not None:
                 if not isinstance(m, str):
                     raise ApiError(400, "'model' must be a string", code="invalid_model")
                 model = m
+        ex.model = model
         t = self.table
         if model and model not in t.known_models:
             if t.backends:
@@ -150,219 +227,166 @@ class Proxy:
             raise ApiError(503, "no backends are known yet", "server_error", "no_backends",
                            headers={"Retry-After": "2"})
         if data is not None and model in t.pooled_models:
-            pool = t.groups.get((model, "static" if message_size(data) > self.threshold else "paged"))
-            if pool is not None and pool.backends:
-                group = pool
-        mstats = t.model_stats[model]
-        route = Route(model)
-        policy = group.policy
-        pname = policy.name
-        if pname == "session":
-            key = None
-            if data is not None:
-                key = data.get("prompt_cache_key")
-            if not isinstance(key, str) or not key:
-                key = rh.get(self.session_header)
-                if not key and data is not None:
-                    u = data.get("user")
-                    key = u if isinstance(u, str) and u else None
-            route.session_key = key
-            route.in_flight = mstats.in_flight
-        elif pname == "cache_aware" and data is not None:
-            route.text = message_text(data)
+            pooled = t.groups.get((model, "static" if message_size(data) > self.threshold else "paged"))
+            if pooled is not None and pooled.backends:
+                group = pooled
+        lines = [b"X-Request-ID: ", ex.rid.encode(), b"\r\n"]
+        encoding = False
+        for name, value in request.raw_headers:
+            n = name.lower()
+            if n in FORWARD_HEADERS:
+                lines += (name, b": ", value, b"\r\n")
+                encoding = encoding or n == b"accept-encoding"
+        if not encoding:
+            lines.append(b"Accept-Encoding: identity\r\n")
+        return Admitted(body, data, model, group, b"".join(lines))
 
-        headers = {"X-Request-ID": rid, "Accept-Encoding": rh.get("Accept-Encoding", "identity")}
-        for name in FORWARD_HEADERS:
-            v = rh.get(name)
-            if v is not None:
-                headers[name] = v
+    # -- attempt: pick, send, retry before the first byte ------------------------------------------------
+    async def _attempt(self, request: web.BaseRequest, adm: Admitted, route: Route, mstats: Counters,
+                       ex: Exchange) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        config = self.config
         pool = self.pool
         assert pool is not None
-        method = request.method
-        mstats.request_count += 1
-        mstats.in_flight += 1
+        method = request.method.encode()
+        path = request.raw_path.encode()
+        policy = adm.group.policy
         exclude: list[Backend] = []
         fallback: web.Response | None = None
-        failure: Upstream | None = None
-        b: Backend | None = None
-        status = 0
-        nbytes = 0
-        ttfb: float | None = None
-        try:
-            for attempt in range(self.attempts):
-                if attempt:
-                    await asyncio.sleep(self.config.retry_backoff * (1 << (attempt - 1)) * (0.5 + random.random()))
-                b = policy.pick(group, route, exclude)
-                if b is None:
+        failure: tuple[Failure, str] | None = None
+        for attempt in range(self.attempts):
+            if attempt:
+                await asyncio.sleep(config.retry_backoff * (1 << (attempt - 1)) * (0.5 + random.random()))
+            b = policy.pick(adm.group, route, exclude)
+            if b is None:
+                break
+            ex.backend = b.name
+            bs = b.stats
+            if config.max_in_flight:
+                await self._acquire(b)
+            else:
+                bs.in_flight += 1
+            bs.request_count += 1
+            if b.circuit is not CLOSED:
+                self.health.trial_started(b)
+            reply: Reply | None = None
+            try:
+                headers = adm.headers + b.auth_lines if b.auth_lines else adm.headers
+                reply = await pool.request(pool.target(b.url), method, path, headers, adm.body)
+                ex.status = reply.status
+                if reply.streaming:
+                    return await self._relay(request, reply, b, mstats, ex)
+                payload = await reply.read()
+            except TransportError as exc:
+                f = FAILURES[type(exc)]
+                msg = f"backend {b.name}: {exc}"
+                failure = (f, msg)
+                bs.error(f.kind, msg, loop.time())
+                self.health.record_failure(b)
+                exclude.append(b)
+                if not (config.retry_on_timeout if f.retry is None else f.retry):
                     break
-                bs = b.stats
-                if self.config.max_in_flight:
-                    await self._acquire(b)
-                else:
-                    bs.in_flight += 1
-                bs.request_count += 1
-                if b.circuit is not CLOSED:
-                    self.health.trial_started(b)
-                resp = None
-                try:
-                    try:
-                        resp = await pool.request(
-                            b.url, method, path,
-                            {**headers, **b.auth_headers} if b.auth_headers else headers, body)
-                        status = resp.status
-                        if resp.streaming:
-                            out = await self._relay_stream(request, resp, b, mstats, rid, t0)
-                            ttfb = out[1]
-                            nbytes = out[2]
-                            return out[0]
-                        payload = await resp.read()
-                    except UpstreamTimeout as exc:
-                        raise Upstream("timeout", f"backend {b.name}: {exc}") from None
-                    except ConnectFailed as exc:
-                        raise Upstream("connect", f"backend {b.name}: {exc}") from None
-                    except UpstreamBroken as exc:
-                        raise Upstream("upstream_io", f"backend {b.name}: {exc}") from None
-                    ttfb = loop.time() - t0
-                    nbytes = len(payload)
-                    answer = web.Response(body=payload, status=status,
-                                          headers=self._response_headers(resp, rid, b))
-                    if status >= 500:
-                        self.health.record_failure(b)
-                        bs.error(f"http_{status}", payload[:200].decode(errors="replace"), loop.time())
-                        if status in RETRY_STATUSES and attempt + 1 < self.attempts:
-                            exclude.append(b)
-                            fallback = answer
-                            continue
-                    else:
-                        if b.circuit_failures or b.circuit is not CLOSED:
-                            self.health.record_success(b)
-                        if payload:
-                            usage = usage_of(payload)
-                            if usage is not None:
-                                bs.add_tokens(usage)
-                                mstats.add_tokens(usage)
-                    bs.latency.add(ttfb)
-                    bs.ttft.add(ttfb)
-                    mstats.latency.add(ttfb)
-                    mstats.ttft.add(ttfb)
-                    if status >= 500:
-                        mstats.error(f"http_{status}", f"backend {b.name} answered {status}", loop.time())
-                    return answer
-                except Upstream as exc:
-                    failure = exc
-                    bs.error(exc.kind, exc.message, loop.time())
-                    self.health.record_failure(b)
+                continue
+            finally:
+                if reply is not None and not reply.streaming:
+                    reply.release()
+                self._release(b)
+                if b.trial:
+                    self.health.trial_abandoned(b)
+            status = reply.status
+            ex.ttfb = ttfb = loop.time() - ex.t0
+            ex.nbytes = len(payload)
+            answer = web.Response(body=payload, status=status, headers=self._response_headers(reply, ex.rid, b))
+            if status >= 500:
+                self.health.record_failure(b)
+                bs.error(f"http_{status}", payload[:200].decode(errors="replace"), loop.time())
+                if status in RETRY_STATUSES and attempt + 1 < self.attempts:
                     exclude.append(b)
-                    if exc.kind == "timeout" and not self.config.retry_on_timeout:
-                        break
-                finally:
-                    if resp is not None:
-                        resp.release()
-                    self._release(b)
-                    if b.trial:
-                        self.health.trial_abandoned(b)
-            if fallback is not None:
-                status = fallback.status
-                mstats.error(f"http_{status}", "every backend tried answered 5xx", loop.time())
-                return fallback
-            if failure is None:
-                status = 503
-                raise ApiError(503, f"no healthy backend serves model '{model}'" if model else
-                               "No healthy services available", "server_error", "no_healthy_backend",
-                               headers={"Retry-After": "2"})
-            mstats.error(failure.kind, failure.message, loop.time())
-            if failure.kind == "timeout":
-                status = 504
-                raise ApiError(504, f"Service timeout: {failure.message}", "server_error", "upstream_timeout")
-            if failure.kind == "connect":
-                status = 503
-                raise ApiError(503, f"Service unavailable - connection refused: {failure.message}", "server_error",
-                               "upstream_unavailable", headers={"Retry-After": "2"})
-            status = 502
-            raise ApiError(502, f"Bad gateway - error communicating with service: {failure.message}",
-                           "server_error", "bad_gateway")
-        finally:
-            mstats.in_flight -= 1
-            if self.access is not None:
-                self.access.add(rid, model, b.name if b else "", status, loop.time() - t0, ttfb, nbytes)
+                    fallback = answer
+                    continue
+                mstats.error(f"http_{status}", f"backend {b.name} answered {status}", loop.time())
+            else:
+                if b.circuit_failures or b.circuit is not CLOSED:
+                    self.health.record_success(b)
+                if payload:
+                    usage = usage_of(payload)
+                    if usage is not None:
+                        bs.add_tokens(usage)
+                        mstats.add_tokens(usage)
+            for c in (bs, mstats):
+                c.latency.add(ttfb)
+                c.ttft.add(ttfb)
+            return answer
+        if fallback is not None:
+            ex.status = fallback.status
+            mstats.error(f"http_{ex.status}", "every backend tried answered 5xx", loop.time())
+            return fallback
+        if failure is None:
+            raise ApiError(503, f"no healthy backend serves model '{adm.model}'" if adm.model else
+                           "No healthy services available", "server_error", "no_healthy_backend",
+                           headers={"Retry-After": "2"})
+        f, msg = failure
+        mstats.error(f.kind, msg, loop.time())
+        raise ApiError(f.status, f"{f.message}: {msg}", "server_error", f.code,
+                       headers={"Retry-After": "2"} if f.status == 503 else None)
 
-    def _response_headers(self, resp: Response, rid: str, b: Backend) -> dict[str, str]:
-        out = {k: v for k, v in resp.headers if k.lower() not in DROP_RESPONSE}
+    # -- relay: a stream, piece by piece, with no more retries once headers are out ------------------------
+    async def _relay(self, request: web.BaseRequest, reply: Reply, b: Backend, mstats: Counters,
+                     ex: Exchange) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        bs = b.stats
+        out = web.StreamResponse(status=reply.status, headers=self._response_headers(reply, ex.rid, b))
+        if reply.status >= 500:
+            self.health.record_failure(b)
+        elif b.circuit_failures or b.circuit is not CLOSED:
+            self.health.record_success(b)
+        relay: StreamRelay | None = None
+        try:
+            writer = await out.prepare(request)
+            transport = request.transport
+            if writer is None or transport is None:
+                raise ClientGone()
+            relay = StreamRelay(transport, writer.chunked, writer, ex, loop, (bs, mstats))
+            await reply.relay(relay, relay.drain)
+        except TransportError as exc:
+            reply.close()
+            f = FAILURES[type(exc)]
+            msg = f"backend {b.name} failed mid-stream: {exc}"
+            bs.error(f.stream_kind, msg, loop.time())
+            mstats.error(f.stream_kind, msg, loop.time())
+            self.health.record_failure(b)
+            if relay is not None and not relay.gone:
+                # Never a made-up clean end: the client learns the stream broke.
+                event = b"\n\ndata: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode() + b"\n\n"
+                relay(event)
+        except (ClientGone, ConnectionError, asyncio.CancelledError) as exc:
+            # The client went away (the server cancels the handler when it does): drop the backend
+            # connection so generation stops. A client that hangs up after `[DONE]` had its answer.
+            reply.close()
+            if relay is None or not relay.done_seen:
+                bs.error("client_disconnect", "client went away mid-stream", loop.time())
+                mstats.error("client_disconnect", "client went away mid-stream", loop.time())
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return out
+        finally:
+            lat = loop.time() - ex.t0
+            bs.latency.add(lat)
+            mstats.latency.add(lat)
+        try:
+            await out.write_eof()
+        except ConnectionError:
+            pass
+        return out
+
+    @staticmethod
+    def _response_headers(reply: Reply, rid: str, b: Backend) -> dict[str, str]:
+        out = {k.decode("latin-1"): v.decode("latin-1") for k, v in reply.headers if k.lower() not in DROP_RESPONSE}
         out["X-Request-ID"] = rid
         out["X-InfiniLM-Backend"] = b.name
         return out
 
-    async def _relay_stream(self, request: web.Request, resp: Response, b: Backend,
-                            mstats: Any, rid: str, t0: float) -> tuple[web.StreamResponse, float | None, int]:
-        """Relay an SSE answer as it arrives; once headers are out there are no more retries."""
-        loop = asyncio.get_running_loop()
-        bs = b.stats
-        out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp, rid, b))
-        if resp.status >= 500:
-            self.health.record_failure(b)
-        elif b.circuit_failures or b.circuit is not CLOSED:
-            self.health.record_success(b)
-        try:
-            await out.prepare(request)
-        except (ConnectionResetError, OSError):
-            bs.error("client_disconnect", "client went away", loop.time())
-            resp.close()
-            return out, None, 0
-        ttfb = None
-        nbytes = 0
-        tail = b"\n\n"
-        try:
-            while True:
-                try:
-                    chunk = await resp.readany()
-                except (UpstreamBroken, UpstreamTimeout) as exc:
-                    kind = "timeout" if isinstance(exc, UpstreamTimeout) else "stream_broken"
-                    msg = f"backend {b.name} failed mid-stream: {type(exc).__name__}: {exc}".rstrip(": ")
-                    bs.error(kind, msg, loop.time())
-                    mstats.error(kind, msg, loop.time())
-                    self.health.record_failure(b)
-                    sep = b"" if tail.endswith(b"\n\n") else (b"\n" if tail.endswith(b"\n") else b"\n\n")
-                    event = sep + b"data: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode() + b"\n\n"
-                    try:
-                        await out.write(event)
-                        await out.write_eof()
-                    except (ConnectionResetError, OSError):
-                        pass
-                    resp.close()
-                    break
-                if not chunk:
-                    try:
-                        await out.write_eof()
-                    except (ConnectionResetError, OSError):
-                        pass
-                    break
-                if ttfb is None:
-                    ttfb = loop.time() - t0
-                    bs.ttft.add(ttfb)
-                    mstats.ttft.add(ttfb)
-                try:
-                    await out.write(chunk)
-                except (ConnectionResetError, OSError):
-                    # The client went away: drop the backend connection so generation stops.
-                    bs.error("client_disconnect", "client went away mid-stream", loop.time())
-                    resp.close()
-                    break
-                nbytes += len(chunk)
-                tail = chunk
-                if b'"usage"' in chunk:
-                    usage = usage_of(chunk)
-                    bs.add_tokens(usage)
-                    mstats.add_tokens(usage)
-        except asyncio.CancelledError:
-            # The server cancels the handler when the client goes away (handler_cancellation).
-            bs.error("client_disconnect", "client went away mid-stream", loop.time())
-            resp.close()
-            raise
-        lat = loop.time() - t0
-        bs.latency.add(lat)
-        mstats.latency.add(lat)
-        return out, ttfb, nbytes
-
+    # -- per-backend concurrency limit ---------------------------------------------------------------------
     async def _acquire(self, b: Backend) -> None:
         """Take one of `b`'s max_in_flight slots, waiting in its bounded queue if needed."""
         bs = b.stats

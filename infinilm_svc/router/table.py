@@ -17,7 +17,7 @@ class Backend:
     __slots__ = ("name", "host", "port", "url", "babysitter_url", "models", "models_list", "metadata",
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
-                 "opened_at", "trial", "routable", "stats", "auth_headers", "waiters", "reopen")
+                 "opened_at", "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -45,6 +45,7 @@ class Backend:
         self.routable = True
         self.stats = Counters()
         self.auth_headers: dict[str, str] = {}
+        self.auth_lines = b""            # the same as request header lines, for the proxy path
         self.waiters: list[asyncio.Future] = []
         self.reopen: asyncio.TimerHandle | None = None
 
@@ -93,6 +94,7 @@ class Table:
         self.pooled_models: set[str] = set()   # models with cache-type pools
         self.model_stats: dict[str, Counters] = {"": Counters()}
         self.models_body = b'{"object":"list","data":[]}'
+        self.model_bodies: dict[str, bytes] = {}   # model id -> its object in models_body
         self.routable_count = 0
         self.registry_ok = registry_url is None
         self.registry_error: str | None = None
@@ -154,6 +156,7 @@ class Table:
         for obj in data:
             obj.setdefault("object", "model")
         self.models_body = json.dumps({"object": "list", "data": data}).encode()
+        self.model_bodies = {obj["id"]: json.dumps(obj).encode() for obj in data}
         self.version += 1
 
     def _group(self, model: str, pool: str | None) -> Group:

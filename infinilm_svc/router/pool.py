@@ -1,0 +1,128 @@
+"""Keep-alive connections to backends, per address, and sending one request on one of them."""
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+from typing import NamedTuple
+from urllib.parse import urlsplit
+
+from .connection import Connection
+from .failures import ConnectError, ConnectionBroken
+from .reply import Reply
+
+
+class Target(NamedTuple):
+    """Where a backend URL points, with the request-line pieces computed once."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: bytes    # b"Host: ...\r\n"
+    base_path: bytes      # the URL's path prefix, without a trailing slash
+
+
+class Pool:
+    """Idle keep-alive connections per backend address; one connection per request in flight."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float, keepalive: float = 30.0,
+                 max_idle: int = 64) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.keepalive = keepalive
+        self.max_idle = max_idle
+        self.idle: dict[Target, list[Connection]] = {}
+        self.targets: dict[str, Target] = {}
+        self._ssl: ssl_module.SSLContext | None = None
+
+    def target(self, url: str) -> Target:
+        """The Target of a backend URL (cached: computed once per URL)."""
+        t = self.targets.get(url)
+        if t is None:
+            u = urlsplit(url)
+            tls = u.scheme == "https"
+            port = u.port or (443 if tls else 80)
+            t = self.targets[url] = Target(u.hostname or "127.0.0.1", port, tls,
+                                           b"Host: " + u.netloc.encode("idna") + b"\r\n",
+                                           u.path.rstrip("/").encode())
+        return t
+
+    def put(self, key: Target, conn: Connection) -> None:
+        """Keep a connection whose answer was read to its end for the next request."""
+        conn.disarm()
+        idle = self.idle.setdefault(key, [])
+        if len(idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.reused = True
+        conn.idle_since = self.loop.time()
+        idle.append(conn)
+
+    async def _connect(self, key: Target) -> Connection:
+        ssl_ctx = None
+        if key.tls:
+            if self._ssl is None:
+                self._ssl = ssl_module.create_default_context()
+            ssl_ctx = self._ssl
+        loop = self.loop
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: Connection(loop, self.read_timeout), key.host, key.port, ssl=ssl_ctx),
+                self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise ConnectError(f"connect to {key.host}:{key.port} timed out after {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            raise ConnectError(f"cannot connect to {key.host}:{key.port}: {exc.strerror or exc}") from None
+        return conn
+
+    async def request(self, key: Target, method: bytes, path: bytes, headers: bytes, body: bytes) -> Reply:
+        """Send one request; return once the answer's status and headers are in.
+
+        `headers` are whole header lines (b"Name: value\\r\\n"), forwarded as the client's bytes.
+        The request goes out in one write. When a reused keep-alive connection turns out to have
+        been closed by the backend before it sent anything back, the request is sent again, once,
+        on a fresh connection (never after any byte of an answer).
+        """
+        data = b"".join((method, b" ", key.base_path, path, b" HTTP/1.1\r\n", key.host_header,
+                         b"Content-Length: %d\r\n" % len(body), headers, b"\r\n", body))
+        head_only = method == b"HEAD"
+        idle = self.idle.get(key)
+        now = self.loop.time()
+        for attempt in (0, 1):
+            conn = None
+            while idle:
+                cand = idle.pop()
+                if not cand.closed and now - cand.idle_since < self.keepalive:
+                    conn = cand
+                    break
+                cand.close()
+            if conn is None:
+                conn = await self._connect(key)
+            reply = Reply(conn, self, key, head_only)
+            conn.reply = reply
+            assert conn.transport is not None
+            conn.transport.write(data)
+            conn.arm()
+            try:
+                await reply.wait_head()
+            except ConnectionBroken:
+                if conn.reused and not reply.got_bytes and attempt == 0:
+                    reply.close()
+                    idle = None
+                    continue
+                reply.close()
+                raise
+            except BaseException:
+                reply.close()
+                raise
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        for conns in self.idle.values():
+            for c in conns:
+                c.close()
+        self.idle.clear()
+
+
+__all__ = ["Pool", "Target"]
