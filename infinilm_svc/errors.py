@@ -82,25 +82,29 @@ def _http_exception_message(exc: web.HTTPException) -> str:
     return exc.reason or exc.text or "error"
 
 
+def error_answer(request: web.BaseRequest, exc: Exception) -> web.StreamResponse:
+    """The envelope answer for an error a handler raised (re-raises what must propagate)."""
+    if isinstance(exc, ApiError):
+        return exc.response()
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+        return error_response(exc.status, _http_exception_message(exc), headers=headers or None)
+    if isinstance(exc, ConnectionResetError):
+        raise exc
+    # The last line of defence: never a bare 500 page.
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler):
     """Turn every error into the OpenAI envelope; streamed bodies are left alone."""
     try:
         return await handler(request)
-    except ApiError as exc:
-        return exc.response()
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
-        return error_response(exc.status, _http_exception_message(exc), headers=headers or None)
-    except (ConnectionResetError,):
-        raise
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare 500 page
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-            raise
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+    except Exception as exc:  # noqa: BLE001 - error_answer decides what propagates
+        return error_answer(request, exc)
 
 
 def parse_json_object(raw: bytes) -> dict:

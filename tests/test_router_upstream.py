@@ -234,6 +234,9 @@ class _Transport:
     def abort(self) -> None:
         pass
 
+    def is_closing(self) -> bool:
+        return False
+
     def pause_reading(self) -> None:
         pass
 

@@ -38,6 +38,7 @@ class RouterConfig:
     retries: int = 2                        # extra attempts, each on a different backend
     retry_backoff: float = 0.05             # base of the jittered back-off between attempts (s)
     retry_on_timeout: bool = False
+    migrations: int = 1                     # times a stream that fails mid-answer may continue elsewhere
     connect_timeout: float = 5.0
     read_timeout: float = 600.0             # idle time between bytes from a backend (no total timeout)
     max_in_flight: int = 0                  # per backend; 0 = unlimited
@@ -79,7 +80,7 @@ class RouterConfig:
                 out.append((name, f"{name} must be >= 1, got {getattr(self, name)}"))
         if not self.health_path.startswith("/"):
             out.append(("health_path", f"health_path must start with '/', got {self.health_path!r}"))
-        for name in ("retries", "max_in_flight", "queue_size", "cache_min_match", "cache_type_threshold",
+        for name in ("retries", "migrations", "max_in_flight", "queue_size", "cache_min_match", "cache_type_threshold",
                      "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import struct
 import sys
 import time
@@ -21,6 +22,7 @@ from .options import MockOptions
 OPTIONS = web.AppKey("mock_options", MockOptions)
 
 _FILLER = ("and", "so", "on", "more", "words", "to", "stream")
+_BEGUN_BY = re.compile(r"Hello from (\S+)")
 
 
 class MockState:
@@ -39,11 +41,13 @@ class MockState:
                                        "models": list(options.models)})
         self._pieces: dict[str, list[str]] = {}
 
-    def pieces(self, model: str) -> list[str]:
-        """The answer for `model`, cut into the chunks a stream sends (cached per model)."""
-        out = self._pieces.get(model)
+    def pieces(self, model: str, name: str | None = None) -> list[str]:
+        """The answer of mock `name` (this one by default) for `model`, cut into the chunks a stream
+        sends (cached). The answer depends on nothing else, so any mock can continue another's."""
+        name = name or self.options.name
+        out = self._pieces.get(f"{name}\0{model}")
         if out is None:
-            words = f"Hello from {self.options.name} (model: {model})".split(" ")
+            words = f"Hello from {name} (model: {model})".split(" ")
             n = self.options.chunks or len(words)
             while len(words) < n:
                 words.append(_FILLER[len(words) % len(_FILLER)])
@@ -55,8 +59,24 @@ class MockState:
                 out.append(" ".join(words[i:i + take]))
                 i += take
             out = [p if k == 0 else " " + p for k, p in enumerate(out)]
-            self._pieces[model] = out
+            self._pieces[f"{name}\0{model}"] = out
         return out
+
+    def continuation(self, model: str, partial: str) -> list[str] | None:
+        """The rest of the answer that `partial` begins (a mock's answer names who began it), or None."""
+        m = _BEGUN_BY.match(partial)
+        whole = self.pieces(model, m.group(1) if m else None)
+        done = ""
+        for k, piece in enumerate(whole):
+            if done == partial:
+                return whole[k:]
+            done += piece
+            if not done.startswith(partial) and not partial.startswith(done):
+                return None
+        text = "".join(whole)
+        if text.startswith(partial):
+            return [text[len(partial):]] if len(text) > len(partial) else []
+        return None
 
 
 STATE = web.AppKey("mock_state", MockState)
@@ -138,11 +158,33 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _limit(body: dict) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ApiError(400, f"{key} must be >= 1, got {v}", code="invalid_value")
+            return v
+    return None
+
+
+async def _die(request: web.Request, why: str) -> None:
+    """Drop the connection mid-answer, as a crashing engine would."""
+    sys.stdout.write(f"mock {request.app[STATE].options.name}: dropping the connection {why}\n")
+    sys.stdout.flush()
+    assert request.transport is not None
+    request.transport.abort()
+    raise asyncio.CancelledError()
+
+
 async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens: int,
-                    include_usage: bool) -> web.StreamResponse:
+                    include_usage: bool, pieces: list[str], limit: int | None) -> web.StreamResponse:
     state = request.app[STATE]
     opts = state.options
-    pieces = state.pieces(model)
+    finish = "stop"
+    if limit is not None and limit < len(pieces):
+        pieces, finish = pieces[:limit], "length"
+    die = opts.die_mid_stream_after
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     if not request["stream"]:
@@ -151,13 +193,20 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
             await asyncio.sleep(delay)
         text = "".join(pieces)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
                 "usage": _usage(prompt_tokens, len(pieces))}
+        if die is not None:
+            raw = json.dumps(body).encode()
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = len(raw)
+            await resp.prepare(request)
+            await resp.write(raw[:len(raw) // 2])
+            await _die(request, "halfway through a body")
         return web.Response(text=json.dumps(body), content_type="application/json")
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -174,6 +223,9 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
     if chat:
         out.append(event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}))
     for k, piece in enumerate(pieces):
+        if die is not None and k == die:
+            await resp.write(b"".join(out))
+            await _die(request, f"after {die} chunks")
         if k and opts.chunk_interval > 0:
             await resp.write(b"".join(out))
             out.clear()
@@ -182,8 +234,8 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
             out.append(event({"index": 0, "delta": {"content": piece}, "finish_reason": None}))
         else:
             out.append(event({"index": 0, "text": piece, "logprobs": None, "finish_reason": None}))
-    final = {"index": 0, "delta": {}, "finish_reason": "stop"} if chat else \
-        {"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}
+    final = {"index": 0, "delta": {}, "finish_reason": finish} if chat else \
+        {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
     usage = _usage(prompt_tokens, len(pieces))
     out.append(event(final, usage=usage))
     if include_usage:
@@ -205,7 +257,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "missing required field: messages (a non-empty array)", code="missing_field")
-    return await _generate(request, model, True, _count_words(messages), _include_usage(body))
+    state = request.app[STATE]
+    pieces = state.pieces(model)
+    last = messages[-1]
+    if body.get("continue_final_message") and isinstance(last, dict) and last.get("role") == "assistant":
+        partial = last.get("content")
+        rest = state.continuation(model, partial) if isinstance(partial, str) else None
+        if rest is None:
+            raise ApiError(400, "cannot continue that final assistant message", code="invalid_continuation")
+        pieces = rest
+    return await _generate(request, model, True, _count_words(messages), _include_usage(body), pieces, _limit(body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -213,7 +274,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt = body.get("prompt")
     if not isinstance(prompt, (str, list)):
         raise ApiError(400, "missing required field: prompt (a string or an array)", code="missing_field")
-    return await _generate(request, model, False, _count_words(prompt), _include_usage(body))
+    state = request.app[STATE]
+    pieces = state.pieces(model)
+    # A prompt that ends with the start of a mock's answer is continued from there.
+    text = prompt if isinstance(prompt, str) else (prompt[0] if len(prompt) == 1 and isinstance(prompt[0], str) else "")
+    begun = text.rfind("Hello")
+    if begun >= 0:
+        rest = state.continuation(model, text[begun:])
+        if rest is not None:
+            pieces = rest
+    return await _generate(request, model, False, _count_words(prompt), _include_usage(body), pieces, _limit(body))
 
 
 def _embedding(text: str, dim: int) -> list[float]:

@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-rate", type=float, default=0.0, metavar="F", help="fraction of inference requests answered 500")
     p.add_argument("--crash-after", type=int, default=None, metavar="N", help="exit with code 3 on request N+1")
     p.add_argument("--hang-after", type=int, default=None, metavar="N", help="never answer request N+1 or any later one")
+    p.add_argument("--die-mid-stream-after", type=int, default=None, metavar="N",
+                   help="drop the connection after N content chunks of every answer (half the body when not streamed)")
     p.add_argument("--startup-delay", type=float, default=0.0, metavar="S", help="seconds before listening")
     p.add_argument("--embedding-dim", type=int, default=16, metavar="N")
     p.add_argument("--loop", default=default_loop(), choices=LOOPS, help="event loop (default: uvloop where available)")
@@ -45,7 +47,7 @@ def parse_options(argv: list[str]) -> MockOptions:
     for flag in ("chunks", "embedding_dim"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
-    for flag in ("crash_after", "hang_after"):
+    for flag in ("crash_after", "hang_after", "die_mid_stream_after"):
         if getattr(a, flag) is not None and getattr(a, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
     for flag in ("latency", "chunk_interval", "startup_delay"):
@@ -54,6 +56,7 @@ def parse_options(argv: list[str]) -> MockOptions:
     return MockOptions(name=a.name, port=a.port, models=models, host=a.host, latency=a.latency,
                        chunks=a.chunks, chunk_interval=a.chunk_interval, fail_rate=a.fail_rate,
                        crash_after=a.crash_after, hang_after=a.hang_after, startup_delay=a.startup_delay,
+                       die_mid_stream_after=a.die_mid_stream_after,
                        embedding_dim=a.embedding_dim)
 
 

@@ -18,5 +18,6 @@ class MockOptions:
     fail_rate: float = 0.0          # fraction of inference requests answered 500
     crash_after: int | None = None  # exit (code 3) on the request after this many
     hang_after: int | None = None   # never answer any request after this many
+    die_mid_stream_after: int | None = None  # drop the connection after this many content chunks
     startup_delay: float = 0.0      # seconds before it starts listening
     embedding_dim: int = 16

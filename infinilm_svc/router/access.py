@@ -27,10 +27,10 @@ class AccessLog:
         self.proto = logging.LogRecord(logger.name, logging.INFO, __file__, 0, "", None, None).__dict__
 
     def add(self, rid: str, model: str, backend: str, status: int, latency: float, ttfb: float | None,
-            nbytes: int) -> None:
+            nbytes: int, migrations: int = 0) -> None:
         """Queue one request's line (times in seconds); written when the loop next comes round."""
         pending = self.pending
-        pending.append((time.time(), rid, model, backend, status, latency, ttfb, nbytes))
+        pending.append((time.time(), rid, model, backend, status, latency, ttfb, nbytes, migrations))
         if len(pending) == 1:
             loop = self.loop
             if loop is None:
@@ -49,13 +49,13 @@ class AccessLog:
         proto = self.proto
         start = logging._startTime  # what LogRecord measures relativeCreated from
         records = []
-        for created, rid, model, backend, status, latency, ttfb, nbytes in pending:
+        for created, rid, model, backend, status, latency, ttfb, nbytes, migrations in pending:
             record = logging.LogRecord.__new__(logging.LogRecord)
             d = record.__dict__
             d.update(proto)
             d["msg"] = (f"id={rid} model={model or '-'} backend={backend or '-'} status={status or '-'} "
                         f"latency_ms={latency * 1000:.1f} ttfb_ms={'-' if ttfb is None else f'{ttfb * 1000:.1f}'} "
-                        f"bytes={nbytes}")
+                        f"bytes={nbytes}" + (f" migrated={migrations}" if migrations else ""))
             d["created"] = created
             d["msecs"] = int((created - int(created)) * 1000) + 0.0
             d["relativeCreated"] = (created - start) * 1000

@@ -106,7 +106,7 @@ class Connection(asyncio.Protocol):
 
     # -- flow control and the idle timeout -------------------------------------------------------
     def pause(self) -> None:
-        if not self.paused and self.transport is not None:
+        if not self.paused and self.transport is not None and not self.closed:
             self.paused = True
             self.transport.pause_reading()
 
@@ -144,7 +144,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         self.disarm()
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
 

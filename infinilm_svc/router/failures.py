@@ -26,4 +26,8 @@ class ProtocolError(TransportError):
     """The backend's bytes are not a valid HTTP/1.1 answer (bad framing, smuggling risks)."""
 
 
-__all__ = ["TransportError", "ConnectError", "ReadTimeout", "ConnectionBroken", "ProtocolError"]
+class StreamErrorEvent(TransportError):
+    """The backend ended a stream it had begun with an error event of its own."""
+
+
+__all__ = ["TransportError", "ConnectError", "ReadTimeout", "ConnectionBroken", "ProtocolError", "StreamErrorEvent"]

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..errors import ApiError, error_middleware
+from ..errors import ApiError, error_answer
 from .proxy import Proxy
 from .table import Table
 
@@ -48,13 +48,20 @@ class FrontDoor:
         return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=self.max_body)
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.raw_path.partition("?")[0]
-        local = self.local.get(path)
-        if local is not None:
-            return await error_middleware(request, local)
-        if path.startswith("/v1/models/"):
-            return await error_middleware(request, self.model)
-        return await error_middleware(request, self._proxied)
+        """aiohttp's request handler: every answer, errors included, in the OpenAI envelope."""
+        try:
+            path = request.raw_path.partition("?")[0]
+            local = self.local.get(path)
+            if local is not None:
+                return await local(request)
+            if path.startswith("/v1/models/"):
+                return await self.model(request)
+            expect = request.headers.get("Expect")
+            if expect is not None:
+                self._answer_expect(request, expect)
+            return await self.proxy.handle(request)
+        except Exception as exc:  # noqa: BLE001 - error_answer decides what propagates
+            return error_answer(request, exc)
 
     @staticmethod
     def _get_only(handler: LocalHandler) -> LocalHandler:
@@ -63,12 +70,6 @@ class FrontDoor:
                 raise web.HTTPMethodNotAllowed(request.method, ["GET"])
             return await handler(request)
         return get_only
-
-    async def _proxied(self, request: web.BaseRequest) -> web.StreamResponse:
-        expect = request.headers.get("Expect")
-        if expect is not None:
-            self._answer_expect(request, expect)
-        return await self.proxy.handle(request)
 
     def _answer_expect(self, request: web.BaseRequest, expect: str) -> None:
         """`Expect: 100-continue`: refuse an announced body over the limit at once, else say go on."""

@@ -92,7 +92,8 @@ class Pool:
             conn = None
             while idle:
                 cand = idle.pop()
-                if not cand.closed and now - cand.idle_since < self.keepalive:
+                if (not cand.closed and now - cand.idle_since < self.keepalive and cand.transport is not None
+                        and not cand.transport.is_closing()):
                     conn = cand
                     break
                 cand.close()
@@ -100,10 +101,13 @@ class Pool:
                 conn = await self._connect(key)
             reply = Reply(conn, self, key, head_only)
             conn.reply = reply
-            assert conn.transport is not None
-            conn.transport.write(data)
-            conn.arm()
             try:
+                assert conn.transport is not None
+                try:
+                    conn.transport.write(data)
+                except (RuntimeError, OSError) as exc:   # closed under us (uvloop raises, asyncio ignores)
+                    raise ConnectionBroken(f"connection closed before the request was sent: {exc}") from None
+                conn.arm()
                 await reply.wait_head()
             except ConnectionBroken:
                 if conn.reused and not reply.got_bytes and attempt == 0:

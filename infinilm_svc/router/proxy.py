@@ -15,8 +15,9 @@ from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from .access import AccessLog
 from .balancer import Route, content_texts
-from .failures import ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, TransportError
+from .failures import ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, StreamErrorEvent, TransportError
 from .health import Health
+from .migration import Transcript, continuation, migratable
 from .pool import Pool
 from .reply import Reply
 from .stats import Counters, usage_of
@@ -58,6 +59,8 @@ FAILURES: dict[type[TransportError], Failure] = {
                               "Bad gateway - error communicating with service", True),
     ProtocolError: Failure("upstream_protocol", "upstream_protocol", 502, "upstream_protocol",
                            "Bad gateway - malformed answer from the backend", True),
+    StreamErrorEvent: Failure("stream_error_event", "stream_error_event", 502, "bad_gateway",
+                              "Bad gateway - the backend reported an error", True),
 }
 
 
@@ -77,7 +80,7 @@ def message_size(data: dict) -> int:
 class Exchange:
     """What one request did, for the access log and the statistics (filled in as it goes)."""
 
-    __slots__ = ("rid", "model", "backend", "status", "t0", "ttfb", "nbytes")
+    __slots__ = ("rid", "model", "backend", "status", "t0", "ttfb", "nbytes", "migrations")
 
     def __init__(self, rid: str, t0: float) -> None:
         self.rid = rid
@@ -87,6 +90,7 @@ class Exchange:
         self.t0 = t0
         self.ttfb: float | None = None
         self.nbytes = 0
+        self.migrations = 0
 
 
 class Admitted(NamedTuple):
@@ -97,6 +101,7 @@ class Admitted(NamedTuple):
     model: str
     group: Group
     headers: bytes        # header lines forwarded to the backend
+    path: str             # the request's path and query, as sent
 
 
 class ClientGone(Exception):
@@ -106,10 +111,11 @@ class ClientGone(Exception):
 class StreamRelay:
     """Writes a backend's streamed body to the client as it arrives (the reply's sink)."""
 
-    __slots__ = ("transport", "chunked", "writer", "ex", "loop", "gone", "done_seen", "counters")
+    __slots__ = ("transport", "chunked", "writer", "ex", "loop", "gone", "done_seen", "counters", "transcript")
 
     def __init__(self, transport: asyncio.Transport, chunked: bool, writer: Any, ex: Exchange,
-                 loop: asyncio.AbstractEventLoop, counters: tuple[Counters, Counters]) -> None:
+                 loop: asyncio.AbstractEventLoop, counters: tuple[Counters, Counters],
+                 transcript: Transcript | None) -> None:
         self.transport = transport
         self.chunked = chunked
         self.writer = writer
@@ -118,12 +124,25 @@ class StreamRelay:
         self.gone = False
         self.done_seen = False
         self.counters = counters
+        self.transcript = transcript   # set when the stream may migrate: whole events only, kept
 
     def __call__(self, data: bytes) -> bool:
         t = self.transport
         if t.is_closing():
             self.gone = True
             return True
+        transcript = self.transcript
+        if transcript is not None:
+            data = transcript.take(data)
+            if transcript.error_event:
+                if data:
+                    self._send(t, data)
+                return True           # wakes the relay, whose drain reports the failure
+            if not data:
+                return False
+        return self._send(t, data)
+
+    def _send(self, t: asyncio.Transport, data: bytes) -> bool:
         ex = self.ex
         if ex.ttfb is None:
             ex.ttfb = ttfb = self.loop.time() - ex.t0
@@ -143,6 +162,8 @@ class StreamRelay:
     async def drain(self) -> None:
         if self.gone or self.transport.is_closing():
             raise ClientGone()
+        if self.transcript is not None and self.transcript.error_event:
+            raise StreamErrorEvent("the backend sent an error event mid-stream")
         await self.writer.drain()
 
 
@@ -185,7 +206,8 @@ class Proxy:
                            code="body_too_large", headers={"X-Request-ID": rid}) from None
         finally:
             if self.access is not None:
-                self.access.add(rid, ex.model, ex.backend, ex.status, loop.time() - ex.t0, ex.ttfb, ex.nbytes)
+                self.access.add(rid, ex.model, ex.backend, ex.status, loop.time() - ex.t0, ex.ttfb, ex.nbytes,
+                                ex.migrations)
 
     async def _forward(self, request: web.BaseRequest, ex: Exchange) -> web.StreamResponse:
         adm = await self._admit(request, ex)
@@ -239,7 +261,7 @@ class Proxy:
                 encoding = encoding or n == b"accept-encoding"
         if not encoding:
             lines.append(b"Accept-Encoding: identity\r\n")
-        return Admitted(body, data, model, group, b"".join(lines))
+        return Admitted(body, data, model, group, b"".join(lines), path)
 
     # -- attempt: pick, send, retry before the first byte ------------------------------------------------
     async def _attempt(self, request: web.BaseRequest, adm: Admitted, route: Route, mstats: Counters,
@@ -249,7 +271,7 @@ class Proxy:
         pool = self.pool
         assert pool is not None
         method = request.method.encode()
-        path = request.raw_path.encode()
+        path = adm.path.encode()
         policy = adm.group.policy
         exclude: list[Backend] = []
         fallback: web.Response | None = None
@@ -275,7 +297,7 @@ class Proxy:
                 reply = await pool.request(pool.target(b.url), method, path, headers, adm.body)
                 ex.status = reply.status
                 if reply.streaming:
-                    return await self._relay(request, reply, b, mstats, ex)
+                    return await self._relay(request, adm, route, reply, b, mstats, ex, exclude)
                 payload = await reply.read()
             except TransportError as exc:
                 f = FAILURES[type(exc)]
@@ -331,53 +353,111 @@ class Proxy:
                        headers={"Retry-After": "2"} if f.status == 503 else None)
 
     # -- relay: a stream, piece by piece, with no more retries once headers are out ------------------------
-    async def _relay(self, request: web.BaseRequest, reply: Reply, b: Backend, mstats: Counters,
-                     ex: Exchange) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, adm: Admitted, route: Route, reply: Reply, b: Backend,
+                     mstats: Counters, ex: Exchange, exclude: list[Backend]) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        bs = b.stats
         out = web.StreamResponse(status=reply.status, headers=self._response_headers(reply, ex.rid, b))
         if reply.status >= 500:
             self.health.record_failure(b)
         elif b.circuit_failures or b.circuit is not CLOSED:
             self.health.record_success(b)
+        kind = migratable(request.raw_path, adm.data) if self.config.migrations and reply.status == 200 else None
+        transcript = Transcript(kind) if kind else None
         relay: StreamRelay | None = None
+        held: list[Backend] = []        # backends taken on by migration (the first is the caller's)
         try:
             writer = await out.prepare(request)
             transport = request.transport
             if writer is None or transport is None:
                 raise ClientGone()
-            relay = StreamRelay(transport, writer.chunked, writer, ex, loop, (bs, mstats))
-            await reply.relay(relay, relay.drain)
-        except TransportError as exc:
-            reply.close()
-            f = FAILURES[type(exc)]
-            msg = f"backend {b.name} failed mid-stream: {exc}"
-            bs.error(f.stream_kind, msg, loop.time())
-            mstats.error(f.stream_kind, msg, loop.time())
-            self.health.record_failure(b)
-            if relay is not None and not relay.gone:
-                # Never a made-up clean end: the client learns the stream broke.
-                event = b"\n\ndata: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode() + b"\n\n"
-                relay(event)
+            relay = StreamRelay(transport, writer.chunked, writer, ex, loop, (b.stats, mstats), transcript)
+            while True:
+                try:
+                    await reply.relay(relay, relay.drain)
+                    break
+                except TransportError as exc:
+                    reply.close()
+                    f = FAILURES[type(exc)]
+                    msg = f"backend {b.name} failed mid-stream: {exc}"
+                    b.stats.error(f.stream_kind, msg, loop.time())
+                    self.health.record_failure(b)
+                    exclude.append(b)
+                    moved = None
+                    if transcript is not None and ex.migrations < self.config.migrations:
+                        moved = await self._migrate(adm, route, transcript, exclude, ex)
+                    if moved is None:
+                        mstats.error(f.stream_kind, msg, loop.time())
+                        # Never a made-up clean end: the client learns the stream broke.
+                        relay.transcript = None
+                        relay(b"\n\ndata: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode()
+                              + b"\n\n")
+                        break
+                    b.stats.migrations += 1
+                    mstats.migrations += 1
+                    reply, b = moved
+                    held.append(b)
+                    relay.counters = (b.stats, mstats)
         except (ClientGone, ConnectionError, asyncio.CancelledError) as exc:
             # The client went away (the server cancels the handler when it does): drop the backend
             # connection so generation stops. A client that hangs up after `[DONE]` had its answer.
             reply.close()
             if relay is None or not relay.done_seen:
-                bs.error("client_disconnect", "client went away mid-stream", loop.time())
+                b.stats.error("client_disconnect", "client went away mid-stream", loop.time())
                 mstats.error("client_disconnect", "client went away mid-stream", loop.time())
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return out
         finally:
             lat = loop.time() - ex.t0
-            bs.latency.add(lat)
-            mstats.latency.add(lat)
+            for c in (b.stats, mstats):
+                c.latency.add(lat)
+            for h in held:
+                self._release(h)
         try:
             await out.write_eof()
         except ConnectionError:
             pass
         return out
+
+    async def _migrate(self, adm: Admitted, route: Route, transcript: Transcript, exclude: list[Backend],
+                       ex: Exchange) -> tuple[Reply, Backend] | None:
+        """Send what the client has so far to another backend; its stream, or None if none can go on."""
+        progress = transcript.progress()
+        assert adm.data is not None
+        body = continuation(adm.data, progress)
+        if body is None:
+            return None
+        b = adm.group.policy.pick(adm.group, route, exclude)
+        if b is None:
+            return None
+        ex.migrations += 1
+        log.warning("request %s: backend %s failed mid-stream after %d tokens; continuing on %s",
+                    ex.rid, ex.backend, progress.tokens, b.name)
+        ex.backend = b.name
+        pool = self.pool
+        assert pool is not None
+        b.stats.in_flight += 1
+        b.stats.request_count += 1
+        try:
+            reply = await pool.request(pool.target(b.url), b"POST", adm.path.encode(),
+                                       adm.headers + b.auth_lines if b.auth_lines else adm.headers,
+                                       json.dumps(body).encode())
+        except TransportError as exc:
+            f = FAILURES[type(exc)]
+            b.stats.error(f.kind, f"backend {b.name}: {exc}", asyncio.get_running_loop().time())
+            self.health.record_failure(b)
+            self._release(b)
+            return None
+        if reply.status != 200 or not reply.streaming:
+            # An engine that refuses to continue a final message: the client gets the error event.
+            payload = await reply.read() if not reply.streaming else b""
+            reply.close()
+            b.stats.error(f"http_{reply.status}", payload[:200].decode(errors="replace") or "not a stream",
+                          asyncio.get_running_loop().time())
+            self._release(b)
+            return None
+        transcript.continue_with(progress)
+        return reply, b
 
     @staticmethod
     def _response_headers(reply: Reply, rid: str, b: Backend) -> dict[str, str]:

@@ -70,11 +70,12 @@ class Samples:
 class Counters:
     """Counters of one backend or one model."""
 
-    __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft",
+    __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft", "migrations",
                  "prompt_tokens", "completion_tokens", "last_error", "last_error_at")
 
     def __init__(self) -> None:
         self.request_count = 0
+        self.migrations = 0          # streams that failed here mid-answer and went on elsewhere
         self.error_count = 0
         self.errors: dict[str, int] = {}
         self.in_flight = 0
@@ -102,6 +103,7 @@ class Counters:
             "error_count": self.error_count,
             "in_flight": self.in_flight,
             "errors": dict(self.errors),
+            "migrations": self.migrations,
             "latency_ms": self.latency.percentiles_ms(),
             "ttft_ms": self.ttft.percentiles_ms(),
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
@@ -127,8 +129,11 @@ class RouterCollector(Collector):
             tok = CounterMetricFamily(f"{p}_tokens", f"Tokens reported in usage per {label}", labels=[label, "type"])
             lat = HistogramMetricFamily(f"{p}_latency_seconds", f"Request latency per {label}", labels=[label])
             ttft = HistogramMetricFamily(f"{p}_ttft_seconds", f"Time to first byte per {label}", labels=[label])
+            mig = CounterMetricFamily(f"{p}_migrations", f"Streams continued elsewhere after failing mid-answer, per {label}",
+                                      labels=[label])
             for name, c in rows:
                 req.add_metric([name], c.request_count)
+                mig.add_metric([name], c.migrations)
                 for kind, n in c.errors.items():
                     err.add_metric([name, kind], n)
                 inf.add_metric([name], c.in_flight)
@@ -136,7 +141,7 @@ class RouterCollector(Collector):
                 tok.add_metric([name, "completion"], c.completion_tokens)
                 lat.add_metric([name], c.latency.histogram(), c.latency.total)
                 ttft.add_metric([name], c.ttft.histogram(), c.ttft.total)
-            yield from (req, err, inf, tok, lat, ttft)
+            yield from (req, err, inf, tok, lat, ttft, mig)
         up = GaugeMetricFamily("infinilm_router_backend_routable", "1 if the backend receives requests",
                                labels=["backend"])
         for b in t.backends.values():
