@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
+import sys
 import time
 from collections import Counter
 from typing import Any, AsyncIterator, Iterable
 
 import aiohttp
 
+from ..client.registry import registry_urls
 from .deployment import Run, chat, error_message, find_router, metadata_of, refresh_records, request_json, shorten
 from .options import CheckResult, ExpectedService, ValidateOptions
 
@@ -412,9 +415,30 @@ async def _wait_discovery(run: Run) -> None:
         await asyncio.sleep(0.25)
 
 
+async def pick_registry(session: aiohttp.ClientSession, urls: list[str]) -> tuple[str, list[str]]:
+    """The first of several registries that answers /health, and a note per one that did not."""
+    notes = []
+    for url in urls:
+        try:
+            async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=3, sock_connect=0.5)) as resp:
+                if resp.status == 200:
+                    return url, notes
+                notes.append(f"{url} answered {resp.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            notes.append(f"{url}: {type(exc).__name__}: {exc}")
+    return urls[0], notes
+
+
 async def run_checks(options: ValidateOptions) -> AsyncIterator[CheckResult]:
     """Run every check against the deployment, yielding each result as soon as it is known."""
     async with aiohttp.ClientSession() as session:
+        urls = registry_urls(options.registry)
+        if len(urls) > 1:
+            # Several registries: check the deployment through the first one that answers.
+            chosen, notes = await pick_registry(session, urls)
+            for note in notes:
+                print(f"validate: registry {note}; trying the next", file=sys.stderr)
+            options = dataclasses.replace(options, registry=chosen)
         run = Run(options=options, session=session)
         if options.wait > 0:
             await _wait_discovery(run)
