@@ -217,3 +217,14 @@ async def test_kill9_a_registry_and_the_etcd_leader_under_load_loses_nothing(pro
             assert proc.poll() is None
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+def test_registry_exits_1_naming_the_endpoints_when_etcd_is_unreachable(procs, tmp_path):
+    dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+    cfg = tmp_path / "registry.toml"
+    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {free_port()}\nstore = "etcd"\n'
+                   f'etcd_endpoints = {toml_list(dead)}\netcd_timeout = 0.3\n')
+    proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name="registry")
+    assert proc.wait(timeout=30) == 1
+    out = procs.output(proc)
+    assert "cannot reach etcd" in out and dead[0] in out and dead[1] in out, out
