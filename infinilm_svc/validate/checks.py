@@ -65,7 +65,28 @@ async def check_router(run: Run) -> CheckResult:
         return CheckResult(2, name, False, f"{run.router} has no healthy backend "
                                            f"(healthy_services={body.get('healthy_services')!r}, status={body.get('status')!r})")
     note = f" ({run.router_note})" if run.router_note else ""
-    return CheckResult(2, name, True, f"{run.router}: {body.get('healthy_services')} backends healthy{note}")
+    problems = await _other_router_problems(run, body.get("healthy_services"))
+    if problems:
+        return CheckResult(2, name, False, f"{run.router}: {body.get('healthy_services')} backends healthy, but "
+                                           + "; ".join(problems))
+    also = f"; the other {len(run.other_routers)} router(s) agree" if run.other_routers else ""
+    return CheckResult(2, name, True, f"{run.router}: {body.get('healthy_services')} backends healthy{also}{note}")
+
+
+async def _other_router_problems(run: Run, expected: Any) -> list[str]:
+    """Every other registered router must answer /health and see the same healthy backends."""
+    problems = []
+    for url in run.other_routers:
+        try:
+            status, body = await request_json(run, "GET", url + "/health")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            problems.append(f"router {url} is unreachable: {type(exc).__name__}: {exc}")
+            continue
+        if status != 200 or not isinstance(body, dict):
+            problems.append(f"router {url} answered {status}: {shorten(body)}")
+        elif body.get("healthy_services") != expected:
+            problems.append(f"router {url} sees {body.get('healthy_services')} backends healthy")
+    return problems
 
 
 def _discovery_problems(run: Run) -> list[str]:
