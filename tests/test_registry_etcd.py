@@ -161,3 +161,24 @@ def test_etcd_store_config_is_checked():
     assert "etcd_prefix" in problems and "state_file" in problems
     assert "unknown store" in dict(RegistryConfig(store="disk").check())["store"]
     assert json.dumps(RegistryConfig().check()) == "[]"
+
+
+async def test_a_member_that_loses_its_quorum_makes_the_registry_stale_not_silent(aiohttp_client, tmp_path):
+    """Two of three members die: the survivor has no leader; its watch is cancelled, /health says stale
+    and writes are refused with 503, instead of the registry serving a quiet watch as if fresh."""
+    cluster = await asyncio.to_thread(EtcdCluster(tmp_path / "etcd", size=3).start)
+    try:
+        survivor = cluster.members[0]
+        client = await aiohttp_client(create_app(etcd_config([survivor.client_url], etcd_timeout=0.5)))
+        assert (await client.post("/services", json=rec("kept"))).status == 201
+        for m in cluster.members[1:]:
+            m.kill()
+
+        async def stale():
+            return (await (await client.get("/health")).json())["stale"] is True
+
+        await async_wait_for(stale, timeout=20, what="/health to say stale once the quorum is gone")
+        assert (await client.post("/services", json=rec("new"))).status == 503
+        assert [s["name"] for s in (await (await client.get("/services")).json())["services"]] == ["kept"]
+    finally:
+        await asyncio.to_thread(cluster.stop)

@@ -133,10 +133,11 @@ class EtcdClient:
         return int(result.get("TTL", 0) or 0)
 
     async def revoke(self, lease: str) -> None:
+        """Best effort: a lease left behind holds no keys and lapses by itself."""
         try:
             await self.call("/v3/lease/revoke", {"ID": lease}, deadline=1.0)
-        except EtcdError:
-            pass  # already gone
+        except (EtcdError, EtcdUnavailable):
+            pass
 
     # -- watch -----------------------------------------------------------------------------------
     async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[dict]:
@@ -146,8 +147,11 @@ class EtcdClient:
         body = {"create_request": {"key": b64(prefix), "range_end": prefix_end(prefix),
                                    "start_revision": str(start_revision), "progress_notify": True}}
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=0.5, sock_read=None)
+        # "hasleader": a member that loses its leader cancels the watch (instead of going quiet),
+        # so the registry moves to a member that is still part of the quorum.
+        headers = {"Grpc-Metadata-hasleader": "true"}
         try:
-            async with self.session.post(ep + "/v3/watch", json=body, timeout=timeout) as resp:
+            async with self.session.post(ep + "/v3/watch", json=body, timeout=timeout, headers=headers) as resp:
                 if resp.status != 200:
                     raise EtcdUnavailable(f"{ep}: watch answered {resp.status}")
                 async for line in resp.content:

@@ -134,6 +134,16 @@ class EtcdStore:
         self.watch_error: str | None = None
         self.synced_at: float | None = None
         self._task: asyncio.Task | None = None
+        self._revoking: set[asyncio.Task] = set()
+
+    def _revoke(self, leases: tuple[str | None, ...]) -> None:
+        """Revoke leases that hold nothing any more, in the background (they would lapse anyway)."""
+        assert self.client is not None
+        for lease in leases:
+            if lease and lease != "0":
+                task = asyncio.create_task(self.client.revoke(lease))
+                self._revoking.add(task)
+                task.add_done_callback(self._revoking.discard)
 
     @property
     def stale(self) -> bool:
@@ -170,6 +180,8 @@ class EtcdStore:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._revoking:
+            await asyncio.wait(set(self._revoking), timeout=1.0)
 
     async def _watch_loop(self) -> None:
         assert self.client is not None
@@ -248,9 +260,7 @@ class EtcdStore:
 
         revision = await self._call(write)
         self.table.counters["registrations"] += 1
-        for lease in old:
-            if lease and lease != "0":
-                asyncio.ensure_future(client.revoke(lease))   # the old registration's leases hold nothing now
+        self._revoke(old)                              # the old registration's leases hold nothing now
         await self._settle(revision)
         return self.table.records.get(name, rec)
 
@@ -363,8 +373,6 @@ class EtcdStore:
             self.table.deleting.discard(name)
             return False
         self.table.counters["deregistrations"] += 1
-        for lease in leases:
-            if lease and lease != "0":
-                asyncio.ensure_future(client.revoke(lease))
+        self._revoke(leases)
         await self._settle(revision)
         return True
