@@ -162,8 +162,10 @@ class EtcdClient:
                         raise EtcdUnavailable(f"{ep}: watch error: {msg['error']}")
                     result = msg.get("result") or {}
                     if result.get("canceled"):
-                        raise EtcdError(int(result.get("compact_revision", 0) or 0),
-                                        str(result.get("cancel_reason") or "watch canceled"))
+                        reason = str(result.get("cancel_reason") or "watch canceled")
+                        if int(result.get("compact_revision", 0) or 0):
+                            raise EtcdError(int(result["compact_revision"]), f"history compacted: {reason}")
+                        raise EtcdUnavailable(f"{ep}: watch canceled: {reason}")
                     yield result
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             raise EtcdUnavailable(f"{ep}: watch broke: {type(exc).__name__}: {exc}") from exc
