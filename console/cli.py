@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from infinilm_svc.validate.cli import http_url
+from infinilm_svc.validate.cli import http_urls
 
 DEFAULT_REGISTRY = "http://127.0.0.1:18000"
 
@@ -14,8 +14,8 @@ DEFAULT_REGISTRY = "http://127.0.0.1:18000"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infinilm-svc console",
                                 description="The ops console: live services, models, logs and actions.")
-    p.add_argument("--registry", type=http_url, default=os.environ.get("INFINILM_REGISTRY_URL", DEFAULT_REGISTRY),
-                   help=f"registry URL (default $INFINILM_REGISTRY_URL or {DEFAULT_REGISTRY})")
+    p.add_argument("--registry", type=http_urls, default=os.environ.get("INFINILM_REGISTRY_URL", DEFAULT_REGISTRY),
+                   help=f"registry URL, or several separated by commas (default $INFINILM_REGISTRY_URL or {DEFAULT_REGISTRY})")
     p.add_argument("--once", action="store_true", help="print the services and models tables and exit")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument("--token", default=os.environ.get("INFINILM_TOKEN"),

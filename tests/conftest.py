@@ -189,3 +189,36 @@ def http_json(method: str, url: str, body: Any = None, headers: dict | None = No
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory):
+    """One real etcd member on loopback for the whole session (tests use their own key prefix)."""
+    from etcd_cluster import EtcdCluster
+
+    cluster = EtcdCluster(tmp_path_factory.mktemp("etcd")).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["memory", "etcd"])
+def registry_config(request):
+    """Make a RegistryConfig for the store under test; with etcd, a fresh key prefix per test.
+
+    etcd leases are whole seconds: `make.ttl(memory, etcd)` picks the duration for this store."""
+    import uuid
+
+    from infinilm_svc.config import RegistryConfig
+
+    extra: dict[str, Any] = {}
+    if request.param == "etcd":
+        etcd = request.getfixturevalue("etcd_server")
+        extra = {"store": "etcd", "etcd_endpoints": tuple(etcd.endpoints),
+                 "etcd_prefix": f"/test-{uuid.uuid4().hex[:12]}/"}
+
+    def make(**kw: Any) -> RegistryConfig:
+        return RegistryConfig(**{**extra, **kw})
+
+    make.store = request.param  # type: ignore[attr-defined]
+    make.ttl = lambda memory, etcd: etcd if request.param == "etcd" else memory  # type: ignore[attr-defined]
+    return make

@@ -89,6 +89,14 @@ def test_once_prints_services_and_models_tables(registry):
     assert "0/1" in lines["model-y"], out
 
 
+def test_once_with_a_registry_list_reads_through_the_first_that_answers(registry):
+    """`--registry dead,live`: the console moves past the dead registry and prints the live one's table."""
+    dead = f"http://{HOST}:{free_port(HOST)}"
+    r = _once([sys.executable, "-m", "infinilm_svc"], f"{dead},{registry}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "sitter-one-server" in r.stdout
+
+
 def test_once_exits_1_with_a_clear_message_when_registry_is_down():
     """With nothing listening, --once says the registry is unreachable and exits 1."""
     url = f"http://{HOST}:{free_port(HOST)}"

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, http_get_json, wait_for
 
 DEMO = ROOT / "demo" / "integration-validation"
-DEMO_PORTS = (18000, 8000, 8100, 8101, 8200, 8201)
+DEMO_PORTS = (18000, 8000, 8100, 8101, 8200, 8201, 2379, 2380)
 
 pytestmark = pytest.mark.e2e
 
@@ -150,4 +150,66 @@ def test_run_local_validates_then_losing_server_2_fails_checks_3_and_7_and_stop_
     finally:
         subprocess.run([str(DEMO / "stop-all.sh")], env=env, capture_output=True, timeout=60)
         for line in _processes_using((s1, s2)):  # last resort, so a failed test leaves nothing behind
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+HA = ROOT / "demo" / "ha"
+
+
+def _three_addresses() -> tuple[str, str, str]:
+    """Three loopback addresses of this test's own with the HA demo's ports free (etcd's too)."""
+    for _ in range(50):
+        third = random.randint(1, 250)
+        ips = tuple(f"127.{third}.1.{n}" for n in random.sample(range(20, 251), 3))
+        if all(_ports_free(ip) for ip in ips):
+            return ips  # type: ignore[return-value]
+    pytest.fail("no three loopback addresses with the demo's ports free")
+
+
+def test_ha_demo_validates_through_any_registry_and_after_losing_a_server(pyz_path, tmp_path):
+    """demo/ha: three servers (etcd + registry + router); validate passes through each registry,
+    and through server 2's registry after server 1 and its etcd member are killed."""
+    from etcd_cluster import etcd_binary
+
+    ips = _three_addresses()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "INFINILM_PYZ": str(pyz_path), "INFINILM_PYTHON": sys.executable,
+           "INFINILM_ETCD": etcd_binary(), "COLUMNS": "200", "READY_TIMEOUT": "60", "VALIDATE_WAIT": "30"}
+
+    def run(script: str, *args: str, extra: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(HA / script), *args], env={**env, **(extra or {})}, capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    try:
+        first = run("run-local.sh", *ips, timeout=240)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "9 passed, 0 failed" in first.stdout.splitlines()
+        assert f"validating the deployment of registry http://{ips[1]}:18000" in first.stdout
+        for ip in (ips[0], ips[2]):
+            again = run("validate.sh", ip)
+            assert again.returncode == 0 and "9 passed, 0 failed" in again.stdout.splitlines(), again.stdout
+        # Server 1 dies hard, with its etcd member: the other two registries still validate writes and
+        # reads; only server 1's babysitter (a, model-1) is gone, so the placement checks see it.
+        for name in ("server1", "etcd1"):
+            pid = int((run_dir / f"{name}.pid").read_text().split()[0])
+            for p in _tree(pid):
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        code, body = http_get_json(f"http://{ips[1]}:18000/health")
+        assert code == 200 and body["store"] == "etcd"
+        r = subprocess.run([sys.executable, str(pyz_path), "validate", "--registry",
+                            f"http://{ips[0]}:18000,http://{ips[1]}:18000", "--json", "--wait", "0"],
+                           capture_output=True, text=True, timeout=120)
+        checks = {c["number"]: c for c in json.loads(r.stdout)["checks"]}
+        assert checks[1]["passed"], checks[1]
+        assert f"http://{ips[1]}:18000" in checks[1]["detail"]
+        stop = run("stop-all.sh", timeout=120)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert not list(run_dir.glob("*.pid"))
+        assert _processes_using(ips) == []
+    finally:
+        subprocess.run([str(HA / "stop-all.sh")], env=env, capture_output=True, timeout=120)
+        for line in _processes_using(ips):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)

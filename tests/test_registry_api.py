@@ -1,4 +1,6 @@
-"""The registry's HTTP API over a real socket: upstream shapes, status codes, and every input error."""
+"""The registry's HTTP API over a real socket: upstream shapes, status codes, and every input error.
+
+Every test runs against both stores: memory and a real etcd."""
 from __future__ import annotations
 
 import json
@@ -6,7 +8,6 @@ import json
 import pytest
 from aiohttp import web
 
-from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 
 from conftest import async_wait_for
@@ -20,8 +21,8 @@ def rec(name="svc-a", host="10.1.2.3", port=8100, **kw):
 
 
 @pytest.fixture
-async def client(aiohttp_client):
-    return await aiohttp_client(create_app(RegistryConfig(bind="127.0.0.1", port=1, probe_interval=0)))
+async def client(aiohttp_client, registry_config):
+    return await aiohttp_client(create_app(registry_config(bind="127.0.0.1", port=1, probe_interval=0)))
 
 
 async def test_register_answers_201_and_the_record_with_is_healthy(client):
@@ -159,8 +160,8 @@ async def test_bad_watch_parameters_are_400(client):
     assert r.status == 400 and "invalid wait" in (await r.json())["error"]["message"]
 
 
-async def test_token_guards_writes_but_not_reads(aiohttp_client):
-    client = await aiohttp_client(create_app(RegistryConfig(token="s3cret", probe_interval=0)))
+async def test_token_guards_writes_but_not_reads(aiohttp_client, registry_config):
+    client = await aiohttp_client(create_app(registry_config(token="s3cret", probe_interval=0)))
     r = await client.post("/services", json=rec())
     assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
     assert (await r.json())["error"]["code"] == "invalid_token"
@@ -207,8 +208,9 @@ async def test_metrics_count_services_by_type_and_events(client):
     assert "infinilm_registry_heartbeats_total 1.0" in text
 
 
-async def test_records_lapse_then_expire(aiohttp_client):
-    cfg = RegistryConfig(heartbeat_ttl=0.3, expire_after=0.6, sweep_interval=0.05, probe_interval=0)
+async def test_records_lapse_then_expire(aiohttp_client, registry_config):
+    ttl = registry_config.ttl
+    cfg = registry_config(heartbeat_ttl=ttl(0.3, 1), expire_after=ttl(0.6, 2), sweep_interval=0.05, probe_interval=0)
     client = await aiohttp_client(create_app(cfg))
     await client.post("/services", json=rec())
 

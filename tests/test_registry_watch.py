@@ -1,11 +1,12 @@
-"""Blocking queries: a watcher wakes on every visible change and sleeps through plain heartbeats."""
+"""Blocking queries: a watcher wakes on every visible change and sleeps through plain heartbeats.
+
+Every test runs against both stores: memory and a real etcd (where the index is etcd's revision)."""
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 
-from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 
 from conftest import async_wait_for
@@ -16,8 +17,9 @@ def rec(name="svc", status="running"):
 
 
 @pytest.fixture
-async def client(aiohttp_client):
-    cfg = RegistryConfig(heartbeat_ttl=0.5, expire_after=1.0, sweep_interval=0.05, probe_interval=0)
+async def client(aiohttp_client, registry_config):
+    ttl = registry_config.ttl
+    cfg = registry_config(heartbeat_ttl=ttl(0.5, 1), expire_after=ttl(1.0, 2), sweep_interval=0.05, probe_interval=0)
     return await aiohttp_client(create_app(cfg))
 
 

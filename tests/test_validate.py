@@ -352,3 +352,38 @@ def test_unreachable_deployment_exits_1_with_table_and_json(capsys):
     assert data["checks"][0] == {"number": 1, "name": "registry health", "passed": False,
                                  "detail": data["checks"][0]["detail"]}
     assert "cannot reach the registry" in data["checks"][0]["detail"]
+
+
+async def test_every_registered_router_is_checked(deployment):
+    """Check 2 passes when a second router agrees, and fails naming a registered router that is dead."""
+    await deployment.start_router(deployment.host2, deployment.registry_url)
+
+    async def two_routers_agree() -> bool:
+        routers = [r for r in await _records(deployment.registry_url) if r["metadata"].get("type") == "router"]
+        if len(routers) != 2:
+            return False
+        async with aiohttp.ClientSession() as s:
+            for r in routers:
+                async with s.get(r["metadata"]["url"] + "/health") as resp:
+                    if (await resp.json()).get("healthy_services") != "4/4":
+                        return False
+        return True
+
+    await async_wait_for(two_routers_agree, timeout=20, what="the second router registered and routing")
+    results = await collect(ValidateOptions(registry=deployment.registry_url, timeout=5))
+    assert results[2].passed and "the other 1 router(s) agree" in results[2].detail, _table(results)
+
+    dead = f"http://{deployment.host2}:{_dead_port()}"
+    async with aiohttp.ClientSession() as s:
+        await RegistryClient(s, deployment.registry_url).register(
+            {"name": "router-dead", "host": deployment.host2, "port": int(dead.rsplit(":", 1)[1]), "url": dead,
+             "status": "running", "metadata": {"type": "router", "url": dead}})
+    results = await collect(ValidateOptions(registry=deployment.registry_url, timeout=5))
+    assert not results[2].passed and f"router {dead} is unreachable" in results[2].detail, _table(results)
+
+
+async def test_a_registry_list_is_validated_through_the_first_that_answers(deployment, capsys):
+    dead = f"http://127.0.0.1:{_dead_port()}"
+    results = await collect(ValidateOptions(registry=f"{dead},{deployment.registry_url}", timeout=5))
+    assert results[1].passed and deployment.registry_url in results[1].detail, _table(results)
+    assert f"validate: registry {dead}" in capsys.readouterr().err

@@ -96,7 +96,9 @@ async def status(request: web.Request) -> web.Response:
     body = request.app[SUPERVISOR].status()
     reg = request.app.get(REGISTRATION)
     body["registry"] = None if reg is None else {
-        "url": reg.client.url, "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error}
+        "url": reg.client.url, "urls": reg.client.urls, "failovers": reg.client.failovers,
+        "last_failover": reg.client.last_failover,
+        "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error}
     return web.json_response(body)
 
 

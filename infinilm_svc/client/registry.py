@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+import time
+from typing import Any, Sequence
 
 import aiohttp
+
+log = logging.getLogger(__name__)
 
 
 class RegistryUnavailable(Exception):
@@ -29,23 +33,76 @@ def _error_text(body: Any) -> str:
     return str(body)[:200]
 
 
-class RegistryClient:
-    """Talks to one registry with a caller-owned ClientSession."""
+def registry_urls(value: str | Sequence[str] | None) -> list[str]:
+    """Registry URLs from a string (comma-separated) or a list; empty items are dropped."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [u for v in value for u in str(v).split(",")]
+    return [u.strip().rstrip("/") for u in items if u.strip()]
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, token: str | None = None,
+
+# How long to wait for a registry's TCP handshake before moving on to the next one.
+CONNECT_TIMEOUT = 0.5
+
+
+class RegistryClient:
+    """Talks to a registry with a caller-owned ClientSession; fails over along a list of registries.
+
+    A call that cannot reach the current registry (or gets a 5xx) moves to the next URL at once
+    and tries there; the client stays on whichever registry answered last.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, url: str | Sequence[str], token: str | None = None,
                  timeout: float = 10.0) -> None:
         self.session = session
-        self.url = url.rstrip("/")
+        self.urls = registry_urls(url) or [""]
+        self.current = 0
         self.token = token
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(CONNECT_TIMEOUT, timeout))
+        self.failovers = 0
+        self.last_failover: dict[str, Any] | None = None
+
+    @property
+    def url(self) -> str:
+        """The registry this client talks to now."""
+        return self.urls[self.current]
+
+    def _fail_over(self, failed: str, reason: str) -> None:
+        if len(self.urls) < 2 or self.url != failed:
+            return
+        self.current = (self.current + 1) % len(self.urls)
+        self.failovers += 1
+        self.last_failover = {"from": failed, "to": self.url, "reason": reason, "at": time.time()}
+        log.warning("registry %s failed (%s); moving to %s", failed, reason, self.url)
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     async def _call(self, method: str, path: str, *, json: Any = None, params: dict | None = None,
                     timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, Any, Any]:
+        """One request; on a transport error or a 5xx, the same request on each other registry."""
+        errors = []
+        for _ in range(len(self.urls)):
+            url = self.url
+            try:
+                status, body, headers = await self._call_one(url, method, path, json, params, timeout)
+            except RegistryUnavailable as exc:
+                errors.append(str(exc))
+                self._fail_over(url, str(exc))
+                continue
+            if status >= 500 and len(self.urls) > 1:
+                errors.append(f"{url} answered {status}: {_error_text(body)}")
+                self._fail_over(url, errors[-1])
+                continue
+            return status, body, headers
+        if len(errors) == 1 or len(self.urls) == 1:
+            raise RegistryUnavailable(errors[-1])
+        raise RegistryUnavailable("no registry answered: " + "; ".join(errors))
+
+    async def _call_one(self, url: str, method: str, path: str, json: Any, params: dict | None,
+                        timeout: aiohttp.ClientTimeout | None) -> tuple[int, Any, Any]:
         try:
-            async with self.session.request(method, self.url + path, json=json, params=params,
+            async with self.session.request(method, url + path, json=json, params=params,
                                             headers=self._headers(), timeout=timeout or self.timeout) as resp:
                 try:
                     body = await resp.json(content_type=None)
@@ -53,7 +110,7 @@ class RegistryClient:
                     body = None
                 return resp.status, body, resp.headers
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise RegistryUnavailable(f"{method} {self.url}{path}: {type(exc).__name__}: {exc}") from exc
+            raise RegistryUnavailable(f"{method} {url}{path}: {type(exc).__name__}: {exc}") from exc
 
     def _raise_for(self, status: int, body: Any) -> None:
         if status >= 500:
@@ -111,7 +168,8 @@ class RegistryClient:
             params["index"] = str(index)
             if wait is not None:
                 params["wait"] = f"{wait:g}s"
-                timeout = aiohttp.ClientTimeout(total=wait + self.timeout.total)
+                timeout = aiohttp.ClientTimeout(total=wait + (self.timeout.total or 0),
+                                                sock_connect=self.timeout.sock_connect)
         code, body, headers = await self._call("GET", "/services", params=params, timeout=timeout)
         self._raise_for(code, body)
         try:

@@ -5,7 +5,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
-from .schema import check_port, check_positive, check_url
+from .schema import check_port, check_positive, check_url, check_urls
 
 BACKEND_TYPES = ("command", "mock", "vllm", "infinilm-rust", "infinilm")
 
@@ -101,7 +101,7 @@ class BabysitterConfig:
     name: str | None = None
     host: str = "localhost"           # the address others use to reach it (upstream meaning)
     bind: str = "0.0.0.0"             # where the babysitter's own HTTP API listens
-    registry_url: str | None = None
+    registry_url: str | tuple[str, ...] | None = None  # one URL, or several to fail over along
     router_url: str | None = None     # accepted for compatibility; unused, as upstream
     token: str | None = None          # registry token, also required by POST /restart|/stop|/start
     babysitter: SupervisionConfig = field(default_factory=SupervisionConfig)
@@ -132,9 +132,10 @@ class BabysitterConfig:
             out.append(("port", "port must leave room for the babysitter on port + 1"))
         if self.name is not None and (not self.name.strip() or "/" in self.name):
             out.append(("name", f"name must be non-empty and contain no '/', got {self.name!r}"))
-        for key in ("registry_url", "router_url"):
-            if (m := check_url(getattr(self, key))):
-                out.append((key, m))
+        if (m := check_urls(self.registry_url)):
+            out.append(("registry_url", m))
+        if (m := check_url(self.router_url)):
+            out.append(("router_url", m))
         if self.token is not None and not self.token.strip():
             # An empty token would silently leave POST /restart|/stop|/start open.
             out.append(("token", "token must not be empty (leave it out to disable auth)"))

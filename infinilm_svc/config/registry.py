@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schema import check_port, check_positive
+from .schema import check_port, check_positive, check_url
+
+STORES = ("memory", "etcd")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,10 @@ class RegistryConfig:
     state_file: str | None = None     # when set, the table survives a restart
     max_body: int = 1 << 20           # bytes; larger requests get 413
     max_wait: float = 300.0           # longest watch (?wait=) a client may ask for
+    store: str = "memory"             # "memory" (in this process) or "etcd" (shared by many registries)
+    etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    etcd_prefix: str = "/infinilm-svc/"
+    etcd_timeout: float = 2.0         # one etcd request; a write tries other members for twice this
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -35,6 +41,20 @@ class RegistryConfig:
             out.append(("expire_after", f"expire_after ({self.expire_after}) must be >= heartbeat_ttl ({self.heartbeat_ttl})"))
         if self.max_body < 1024:
             out.append(("max_body", f"max_body must be at least 1024 bytes, got {self.max_body}"))
+        if self.store not in STORES:
+            out.append(("store", f"unknown store {self.store!r} (one of {', '.join(STORES)})"))
+        if self.store == "etcd":
+            if not self.etcd_endpoints:
+                out.append(("etcd_endpoints", "store = \"etcd\" needs at least one endpoint"))
+            for ep in self.etcd_endpoints:
+                if (m := check_url(ep)):
+                    out.append(("etcd_endpoints", m))
+            if not self.etcd_prefix.startswith("/") or not self.etcd_prefix.endswith("/"):
+                out.append(("etcd_prefix", f"etcd_prefix must start and end with '/', got {self.etcd_prefix!r}"))
+            if self.state_file:
+                out.append(("state_file", "state_file is for store = \"memory\"; etcd keeps the table itself"))
+        if (m := check_positive(self.etcd_timeout, "etcd_timeout")):
+            out.append(("etcd_timeout", m))
         if self.token is not None and not self.token.strip():
             out.append(("token", "token must not be empty (leave it out to disable auth)"))
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .schema import check_port, check_positive, check_url
+from .schema import check_port, check_positive, check_url, check_urls
 
 POLICIES = ("round_robin", "weighted", "least_requests", "power_of_two", "session", "cache_aware")
 
@@ -15,7 +15,7 @@ class RouterConfig:
 
     bind: str = "0.0.0.0"
     port: int = 8000
-    registry_url: str | None = None
+    registry_url: str | tuple[str, ...] | None = None  # one URL, or several to fail over along
     registry_token: str | None = None       # the registry's write token, to register the router
     public_url: str | None = None           # the URL registered for this router (default http://bind:port)
     name: str | None = None                 # registry name (default router-<host>-<port>)
@@ -59,9 +59,10 @@ class RouterConfig:
         out = []
         if (m := check_port(self.port)):
             out.append(("port", m))
-        for key in ("registry_url", "public_url"):
-            if (m := check_url(getattr(self, key))):
-                out.append((key, m))
+        if (m := check_urls(self.registry_url)):
+            out.append(("registry_url", m))
+        if (m := check_url(self.public_url)):
+            out.append(("public_url", m))
         if self.policy not in POLICIES:
             out.append(("policy", f"unknown policy {self.policy!r} (one of {', '.join(POLICIES)})"))
         for model, pol in self.model_policies.items():

@@ -265,7 +265,20 @@ def check_url(value: str | None) -> str | None:
     return None
 
 
+def check_urls(value: str | tuple[str, ...] | None) -> str | None:
+    """A URL, several (a list, or one string with commas), or none; each must be http(s)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not [i for i in items if i.strip()]:
+        return "expected at least one http:// or https:// URL"
+    for item in items:
+        if (m := check_url(item.strip())):
+            return m
+    return None
+
+
 __all__ = [
-    "ConfigError", "Problem", "Source", "load_table", "is_missing", "check_port", "check_positive",
+    "check_urls", "ConfigError", "Problem", "Source", "load_table", "is_missing", "check_port", "check_positive",
     "check_url", "field", "dataclass",
 ]

@@ -16,13 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from ..config import RegistryConfig
 from ..errors import ApiError, error_middleware, read_json_object
 from .metrics import make_metrics, render
-from .store import StateWriter, load_state
+from .stores import Store, make_store
 from .table import ServiceTable, format_url, rfc3339
 
 log = logging.getLogger(__name__)
 
 CONFIG = web.AppKey("config", RegistryConfig)
-TABLE = web.AppKey("table", ServiceTable)
+TABLE = web.AppKey("table", ServiceTable)       # the read side, kept current by the store
+STORE = web.AppKey("store", Store)              # the write side: memory or etcd
 STARTED = web.AppKey("started", float)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", CollectorRegistry)
@@ -111,13 +112,14 @@ def _json(data: Any, status: int = 200, index: int | None = None) -> web.Respons
 
 # -- handlers ----------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
-    table = request.app[TABLE]
+    table, store = request.app[TABLE], request.app[STORE]
     return _json({
-        "status": "healthy",
+        "status": "degraded" if store.stale else "healthy",
         "registry": "running",
         "registered_services": len(table.records),
         "healthy_services": table.healthy_count(),
         "index": table.index,
+        **store.describe(),
         "timestamp": rfc3339(),
     }, index=table.index)
 
@@ -145,7 +147,7 @@ async def register_service(request: web.Request) -> web.Response:
     _require_token(request)
     fields = _check_fields(await read_json_object(request), partial=False)
     _resolve_host(fields, request)
-    rec = request.app[TABLE].register(fields)
+    rec = await request.app[STORE].register(fields)
     log.info("registered %s at %s (%s)", rec["name"], rec["url"], rec["metadata"].get("type", "?"))
     table = request.app[TABLE]
     return _json({"message": f"Service '{rec['name']}' registered successfully",
@@ -172,7 +174,9 @@ async def update_service(request: web.Request) -> web.Response:
     fields = _check_fields(await read_json_object(request), partial=True)
     _resolve_host(fields, request, current)
     table = request.app[TABLE]
-    rec = table.update(name, fields)
+    rec = await request.app[STORE].update(name, fields)
+    if rec is None:
+        raise ApiError(404, f"Service '{name}' not found", code="service_not_found")
     return _json({"message": f"Service '{name}' updated successfully",
                   "service": table.view(rec, table.clock())}, index=table.index)
 
@@ -181,7 +185,8 @@ async def delete_service(request: web.Request) -> web.Response:
     _require_token(request)
     name, _ = _lookup(request)
     table = request.app[TABLE]
-    table.deregister(name)
+    if not await request.app[STORE].deregister(name):
+        raise ApiError(404, f"Service '{name}' not found", code="service_not_found")
     log.info("deregistered %s", name)
     return _json({"message": f"Service '{name}' unregistered successfully"}, index=table.index)
 
@@ -203,7 +208,8 @@ async def heartbeat(request: web.Request) -> web.Response:
                     raise ApiError(400, "field 'metadata' must be an object", code="invalid_field")
                 metadata = body["metadata"]
     table = request.app[TABLE]
-    table.heartbeat(name, status, metadata)
+    if await request.app[STORE].heartbeat(name, status, metadata) is None:
+        raise ApiError(404, f"Service '{name}' not found", code="service_not_found")
     return _json({"message": "Heartbeat received", "timestamp": rfc3339()}, index=table.index)
 
 
@@ -229,7 +235,7 @@ async def service_health(request: web.Request) -> web.Response:
     rec = app[TABLE].records.get(name, rec)
     rec["health_status"] = "healthy" if ok else "unhealthy"
     if ok and name in app[TABLE].records:
-        app[TABLE].heartbeat(name)  # upstream: a successful live probe counts as a heartbeat
+        await app[STORE].heartbeat(name)  # upstream: a successful live probe counts as a heartbeat
     table = app[TABLE]
     return _json({"service": name, "health_status": rec["health_status"],
                   "is_healthy": table.is_healthy(rec, table.clock()),
@@ -260,14 +266,6 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # -- background work ---------------------------------------------------------------------------
-async def _sweep_loop(app: web.Application) -> None:
-    table, cfg = app[TABLE], app[CONFIG]
-    while True:
-        await asyncio.sleep(cfg.sweep_interval)
-        for name in table.sweep():
-            log.warning("expired %s: no heartbeat for %.0f s", name, cfg.expire_after)
-
-
 async def _probe_loop(app: web.Application) -> None:
     table, cfg, session = app[TABLE], app[CONFIG], app[SESSION]
     limit = asyncio.Semaphore(64)
@@ -285,29 +283,28 @@ async def _probe_loop(app: web.Application) -> None:
 async def _background(app: web.Application):
     cfg = app[CONFIG]
     app[SESSION] = aiohttp.ClientSession()
-    writer = None
-    if cfg.state_file:
-        load_state(cfg.state_file, app[TABLE])
-        writer = StateWriter(cfg.state_file, app[TABLE])
-    tasks = [asyncio.create_task(_sweep_loop(app), name="registry-sweep")]
+    try:
+        await app[STORE].start(app[SESSION])
+    except BaseException:
+        await app[SESSION].close()
+        raise
+    tasks = []
     if cfg.probe_interval > 0:
         tasks.append(asyncio.create_task(_probe_loop(app), name="registry-probe"))
-    if writer is not None:
-        tasks.append(asyncio.create_task(writer.run(), name="registry-state"))
     yield
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if writer is not None:
-        writer.flush()
+    await app[STORE].close()
     await app[SESSION].close()
 
 
 def create_app(config: RegistryConfig) -> web.Application:
-    """The registry app: upstream endpoints plus watch, token, state file and /metrics."""
+    """The registry app: upstream endpoints plus watch, token, the store (memory or etcd) and /metrics."""
     app = web.Application(middlewares=[error_middleware], client_max_size=config.max_body)
     app[CONFIG] = config
-    app[TABLE] = ServiceTable(config.heartbeat_ttl, config.expire_after)
+    app[STORE] = make_store(config)
+    app[TABLE] = app[STORE].table
     app[STARTED] = time.time()
     app[METRICS] = make_metrics(app[TABLE])
     app.cleanup_ctx.append(_background)

@@ -21,6 +21,46 @@ def format_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def new_record(fields: dict, now: float) -> dict[str, Any]:
+    """A full record from checked registration fields (defaults as upstream fills them)."""
+    return {
+        "name": fields["name"],
+        "host": fields["host"],
+        "port": fields["port"],
+        "hostname": fields.get("hostname") or fields["host"],
+        "url": fields.get("url") or format_url(fields["host"], fields["port"]),
+        "status": fields.get("status") or "running",
+        "timestamp": rfc3339(now),
+        "last_heartbeat": now,
+        "health_status": "unknown",
+        "metadata": dict(fields.get("metadata") or {}),
+    }
+
+
+def apply_update(rec: dict, fields: dict) -> None:
+    """PUT semantics: replace any of host/port/hostname/url/status/metadata."""
+    for key in ("host", "port", "hostname", "url", "status"):
+        if key in fields:
+            rec[key] = fields[key]
+    if "metadata" in fields:
+        rec["metadata"] = dict(fields["metadata"] or {})
+
+
+def merge_heartbeat(rec: dict, status: str | None, metadata: dict | None) -> bool:
+    """Heartbeat semantics: set the status, merge metadata; True if anything changed."""
+    changed = False
+    if status is not None and status != rec["status"]:
+        rec["status"] = status
+        changed = True
+    if metadata:
+        md = rec["metadata"]
+        for k, v in metadata.items():
+            if md.get(k, _ABSENT) != v:
+                md[k] = v
+                changed = True
+    return changed
+
+
 class ServiceTable:
     """Services keyed by name. Every change that a reader could see bumps `index` and wakes watchers.
 
@@ -96,18 +136,7 @@ class ServiceTable:
     def register(self, record: dict) -> dict:
         """Insert or overwrite a record (re-registering a name replaces it)."""
         now = self.clock()
-        rec = {
-            "name": record["name"],
-            "host": record["host"],
-            "port": record["port"],
-            "hostname": record.get("hostname") or record["host"],
-            "url": record.get("url") or format_url(record["host"], record["port"]),
-            "status": record.get("status") or "running",
-            "timestamp": rfc3339(now),
-            "last_heartbeat": now,
-            "health_status": "unknown",
-            "metadata": dict(record.get("metadata") or {}),
-        }
+        rec = new_record(record, now)
         self.records[rec["name"]] = rec
         self._healthy[rec["name"]] = self.is_healthy(rec, now)
         self.counters["registrations"] += 1
@@ -137,11 +166,7 @@ class ServiceTable:
         rec = self.records.get(name)
         if rec is None:
             return None
-        for key in ("host", "port", "hostname", "url", "status"):
-            if key in fields:
-                rec[key] = fields[key]
-        if "metadata" in fields:
-            rec["metadata"] = dict(fields["metadata"] or {})
+        apply_update(rec, fields)
         rec["last_heartbeat"] = self.clock()
         self._healthy[name] = self.is_healthy(rec, rec["last_heartbeat"])
         self._bump()
@@ -153,16 +178,7 @@ class ServiceTable:
         if rec is None:
             return None
         now = self.clock()
-        changed = False
-        if status is not None and status != rec["status"]:
-            rec["status"] = status
-            changed = True
-        if metadata:
-            md = rec["metadata"]
-            for k, v in metadata.items():
-                if md.get(k, _ABSENT) != v:
-                    md[k] = v
-                    changed = True
+        changed = merge_heartbeat(rec, status, metadata)
         rec["last_heartbeat"] = now
         healthy = self.is_healthy(rec, now)
         if healthy != self._healthy.get(name):

@@ -133,13 +133,15 @@ class Discovery:
                     log.warning("registry unreachable, serving the last known table: %s", exc)
                 t.registry_ok = False
                 t.registry_error = str(exc)
+                t.registry_url, t.registry_failover = client.url, client.last_failover
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
                 index = 0
                 continue
             delay = 0.2
+            t.registry_url, t.registry_failover = client.url, client.last_failover
             if not t.registry_ok:
-                log.info("registry reachable again")
+                log.info("registry reachable again (%s)", client.url)
             t.registry_ok = True
             t.registry_error = None
             t.registry_synced_at = time.time()

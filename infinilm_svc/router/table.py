@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
+from ..client.registry import registry_urls
 from .stats import Counters
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -85,9 +86,11 @@ class Group:
 class Table:
     """Backends by name, plus everything derived from them that requests need in O(1)."""
 
-    def __init__(self, policy_for: Callable[[str], Any], registry_url: str | None) -> None:
+    def __init__(self, policy_for: Callable[[str], Any], registry_url: str | Sequence[str] | None) -> None:
         self.policy_for = policy_for
-        self.registry_url = registry_url
+        self.registry_urls = registry_urls(registry_url)
+        self.registry_url = self.registry_urls[0] if self.registry_urls else None   # the one in use
+        self.registry_failover: dict[str, Any] | None = None
         self.backends: dict[str, Backend] = {}
         self.groups: dict[tuple[str, str | None], Group] = {}
         self.known_models: set[str] = set()
@@ -96,7 +99,7 @@ class Table:
         self.models_body = b'{"object":"list","data":[]}'
         self.model_bodies: dict[str, bytes] = {}   # model id -> its object in models_body
         self.routable_count = 0
-        self.registry_ok = registry_url is None
+        self.registry_ok = self.registry_url is None
         self.registry_error: str | None = None
         self.registry_synced_at: float | None = None
         self.registry_index = 0
@@ -183,6 +186,8 @@ class Table:
                 "last_sync": self.registry_synced_at,
                 "index": self.registry_index,
                 "serving_last_known_table": not self.registry_ok,
+                "urls": self.registry_urls,
+                "last_failover": self.registry_failover,
             }
             if not self.registry_ok:
                 out["message"] = (f"registry unreachable ({self.registry_error}); serving from the last "

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import re
+import sys
 import time
 from collections import Counter
 from typing import Any, AsyncIterator, Iterable
 
 import aiohttp
 
+from ..client.registry import registry_urls
 from .deployment import Run, chat, error_message, find_router, metadata_of, refresh_records, request_json, shorten
 from .options import CheckResult, ExpectedService, ValidateOptions
 
@@ -62,7 +65,28 @@ async def check_router(run: Run) -> CheckResult:
         return CheckResult(2, name, False, f"{run.router} has no healthy backend "
                                            f"(healthy_services={body.get('healthy_services')!r}, status={body.get('status')!r})")
     note = f" ({run.router_note})" if run.router_note else ""
-    return CheckResult(2, name, True, f"{run.router}: {body.get('healthy_services')} backends healthy{note}")
+    problems = await _other_router_problems(run, body.get("healthy_services"))
+    if problems:
+        return CheckResult(2, name, False, f"{run.router}: {body.get('healthy_services')} backends healthy, but "
+                                           + "; ".join(problems))
+    also = f"; the other {len(run.other_routers)} router(s) agree" if run.other_routers else ""
+    return CheckResult(2, name, True, f"{run.router}: {body.get('healthy_services')} backends healthy{also}{note}")
+
+
+async def _other_router_problems(run: Run, expected: Any) -> list[str]:
+    """Every other registered router must answer /health and see the same healthy backends."""
+    problems = []
+    for url in run.other_routers:
+        try:
+            status, body = await request_json(run, "GET", url + "/health")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            problems.append(f"router {url} is unreachable: {type(exc).__name__}: {exc}")
+            continue
+        if status != 200 or not isinstance(body, dict):
+            problems.append(f"router {url} answered {status}: {shorten(body)}")
+        elif body.get("healthy_services") != expected:
+            problems.append(f"router {url} sees {body.get('healthy_services')} backends healthy")
+    return problems
 
 
 def _discovery_problems(run: Run) -> list[str]:
@@ -412,9 +436,30 @@ async def _wait_discovery(run: Run) -> None:
         await asyncio.sleep(0.25)
 
 
+async def pick_registry(session: aiohttp.ClientSession, urls: list[str]) -> tuple[str, list[str]]:
+    """The first of several registries that answers /health, and a note per one that did not."""
+    notes = []
+    for url in urls:
+        try:
+            async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=3, sock_connect=0.5)) as resp:
+                if resp.status == 200:
+                    return url, notes
+                notes.append(f"{url} answered {resp.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            notes.append(f"{url}: {type(exc).__name__}: {exc}")
+    return urls[0], notes
+
+
 async def run_checks(options: ValidateOptions) -> AsyncIterator[CheckResult]:
     """Run every check against the deployment, yielding each result as soon as it is known."""
     async with aiohttp.ClientSession() as session:
+        urls = registry_urls(options.registry)
+        if len(urls) > 1:
+            # Several registries: check the deployment through the first one that answers.
+            chosen, notes = await pick_registry(session, urls)
+            for note in notes:
+                print(f"validate: registry {note}; trying the next", file=sys.stderr)
+            options = dataclasses.replace(options, registry=chosen)
         run = Run(options=options, session=session)
         if options.wait > 0:
             await _wait_discovery(run)

@@ -27,6 +27,14 @@ def http_url(value: str) -> str:
     return value.rstrip("/")
 
 
+def http_urls(value: str) -> str:
+    """An argparse type: one http(s) URL, or several separated by commas (tried in order)."""
+    items = [i.strip() for i in value.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"expected http:// URLs separated by commas, got {value!r}")
+    return ",".join(http_url(i) for i in items)
+
+
 def parse_services(text: str) -> tuple[ExpectedService, ...]:
     """`NAME[:MODEL[+MODEL...]],...` -> expected services."""
     out = []
@@ -43,7 +51,8 @@ def parse_services(text: str) -> tuple[ExpectedService, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infinilm-svc validate",
                                 description="Check a running deployment, found through its registry.")
-    p.add_argument("--registry", type=http_url, default=ValidateOptions.registry, help="registry URL (default %(default)s)")
+    p.add_argument("--registry", type=http_urls, default=ValidateOptions.registry,
+                   help="registry URL, or several separated by commas (default %(default)s)")
     p.add_argument("--router", type=http_url, help="router URL (default: the router registered in the registry)")
     p.add_argument("--expect-services", default="babysitter-a:model-1,babysitter-b:model-2,babysitter-c:model-1,babysitter-d:model-2",
                    help="babysitters that must be registered, each NAME[:MODEL[+MODEL]] (default: the demo's)")

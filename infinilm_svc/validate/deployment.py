@@ -40,6 +40,7 @@ class Run:
     registry_error: str | None = None
     router: str | None = None
     router_note: str = ""
+    other_routers: list[str] = field(default_factory=list)   # further registered routers, checked too
     answers: list[Answer] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     seq: int = 0
@@ -237,6 +238,10 @@ async def find_router(run: Run) -> None:
         if isinstance(url, str) and url:
             run.router = url.rstrip("/")
             others = len(routers) - 1
+            for o in routers:
+                o_url = metadata_of(o).get("url") or o.get("url")
+                if o is not r and isinstance(o_url, str) and o_url:
+                    run.other_routers.append(o_url.rstrip("/"))
             run.router_note = f"found in the registry as {r.get('name')}" + (f", {others} more router(s)" if others else "")
             return
     run.router_note = ("no router is registered in the registry (no record with metadata.type = 'router'); "
