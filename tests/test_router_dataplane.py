@@ -295,3 +295,21 @@ async def test_openai_sdk_models_retrieve_answers_from_the_table(dep):
         assert exc.value.body["code"] == "model_not_found"
     finally:
         await client.close()
+
+
+# -- idle upstream connections ---------------------------------------------------------------------------
+async def test_idle_upstream_connections_are_capped_and_reaped(dep, procs):
+    from test_router_proxy import established_to, start_mock_process
+    port, _ = await start_mock_process(dep, procs, "a", ["m"], "--latency", "0.3")
+    await dep.start_router(health_interval=300, upstream_max_idle=4, upstream_idle_timeout=1.0)
+    await dep.wait_routable(1)
+    before = established_to(port)  # the test's own pooled connection from the readiness probe
+    async with aiohttp.ClientSession() as session:
+        async def one() -> int:
+            async with session.post(dep.router_url + "/v1/chat/completions", json=chat()) as r:
+                await r.read()
+                return r.status
+        assert await asyncio.gather(*(one() for _ in range(30))) == [200] * 30
+    assert established_to(port) <= before + 4, "idle connections beyond the cap must be closed"
+    await async_wait_for(lambda: _now(established_to(port) == before), timeout=10,
+                         what="idle connections closed after upstream_idle_timeout")

@@ -29,9 +29,9 @@ class RouterConfig:
     heartbeat_interval: float = 10.0
     watch_wait: float = 30.0                # blocking-query wait against the registry
     health_interval: float = 5.0
-    health_timeout: float = 5.0
+    health_timeout: float = 1.0
     health_path: str = "/health"            # probed on each backend's own URL
-    unhealthy_threshold: int = 3
+    unhealthy_threshold: int = 2
     healthy_threshold: int = 2
     eject_after_failures: int = 1           # passive: consecutive failures that open the circuit
     eject_cooldown: float = 10.0            # open circuit duration before a half-open trial
@@ -40,6 +40,8 @@ class RouterConfig:
     retry_on_timeout: bool = False
     migrations: int = 1                     # times a stream that fails mid-answer may continue elsewhere
     connect_timeout: float = 5.0
+    upstream_max_idle: int = 32             # idle keep-alive connections kept per backend
+    upstream_idle_timeout: float = 30.0     # an idle connection to a backend is closed after this long
     read_timeout: float = 600.0             # idle time between bytes from a backend (no total timeout)
     max_in_flight: int = 0                  # per backend; 0 = unlimited
     queue_size: int = 100                   # waiters per backend when max_in_flight is reached
@@ -69,7 +71,7 @@ class RouterConfig:
             if pol not in POLICIES:
                 out.append((f"model_policies.{model}", f"unknown policy {pol!r} (one of {', '.join(POLICIES)})"))
         for name in ("heartbeat_interval", "watch_wait", "health_interval", "health_timeout",
-                     "eject_cooldown", "connect_timeout", "read_timeout", "queue_timeout",
+                     "eject_cooldown", "connect_timeout", "read_timeout", "upstream_idle_timeout", "queue_timeout",
                      "session_load_factor", "cache_balance_ratio"):
             if (m := check_positive(getattr(self, name), name)):
                 out.append((name, m))
@@ -81,7 +83,7 @@ class RouterConfig:
                 out.append((name, f"{name} must be >= 1, got {getattr(self, name)}"))
         if not self.health_path.startswith("/"):
             out.append(("health_path", f"health_path must start with '/', got {self.health_path!r}"))
-        for name in ("retries", "migrations", "max_in_flight", "queue_size", "cache_min_match", "cache_type_threshold",
+        for name in ("retries", "migrations", "upstream_max_idle", "max_in_flight", "queue_size", "cache_min_match", "cache_type_threshold",
                      "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))

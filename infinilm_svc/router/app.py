@@ -77,7 +77,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
     app[SESSION] = session
-    pool = Pool(config.connect_timeout, config.read_timeout)
+    pool = Pool(config.connect_timeout, config.read_timeout, config.upstream_idle_timeout, config.upstream_max_idle)
     app[PROXY].pool = pool
     tasks: list[asyncio.Task] = []
     registry = None

@@ -57,7 +57,8 @@ class Connection(asyncio.Protocol):
         if r is None:                            # bytes nobody asked for: the connection is unusable
             self.close()
             return
-        r.got_bytes = True
+        if not r.got_bytes:
+            r.first_byte()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:

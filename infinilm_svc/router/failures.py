@@ -26,8 +26,13 @@ class ProtocolError(TransportError):
     """The backend's bytes are not a valid HTTP/1.1 answer (bad framing, smuggling risks)."""
 
 
+class BackendHung(TransportError):
+    """The backend was taken out of rotation (its health checks time out) while this request waited."""
+
+
 class StreamErrorEvent(TransportError):
     """The backend ended a stream it had begun with an error event of its own."""
 
 
-__all__ = ["TransportError", "ConnectError", "ReadTimeout", "ConnectionBroken", "ProtocolError", "StreamErrorEvent"]
+__all__ = ["TransportError", "ConnectError", "ReadTimeout", "ConnectionBroken", "ProtocolError", "BackendHung",
+           "StreamErrorEvent"]

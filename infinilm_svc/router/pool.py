@@ -25,7 +25,7 @@ class Pool:
     """Idle keep-alive connections per backend address; one connection per request in flight."""
 
     def __init__(self, connect_timeout: float, read_timeout: float, keepalive: float = 30.0,
-                 max_idle: int = 64) -> None:
+                 max_idle: int = 32) -> None:
         self.loop = asyncio.get_running_loop()
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -34,6 +34,7 @@ class Pool:
         self.idle: dict[Target, list[Connection]] = {}
         self.targets: dict[str, Target] = {}
         self._ssl: ssl_module.SSLContext | None = None
+        self._reaper: asyncio.TimerHandle | None = None
 
     def target(self, url: str) -> Target:
         """The Target of a backend URL (cached: computed once per URL)."""
@@ -57,6 +58,25 @@ class Pool:
         conn.reused = True
         conn.idle_since = self.loop.time()
         idle.append(conn)
+        if self._reaper is None:
+            self._reaper = self.loop.call_later(self.keepalive / 2, self._reap)
+
+    def _reap(self) -> None:
+        """Close connections idle for longer than `keepalive` (runs while any are idle)."""
+        self._reaper = None
+        horizon = self.loop.time() - self.keepalive
+        for key in list(self.idle):
+            conns = self.idle[key]
+            keep = [c for c in conns if not c.closed and c.idle_since > horizon]
+            for c in conns:
+                if c not in keep:
+                    c.close()
+            if keep:
+                self.idle[key] = keep
+            else:
+                del self.idle[key]
+        if self.idle:
+            self._reaper = self.loop.call_later(self.keepalive / 2, self._reap)
 
     async def _connect(self, key: Target) -> Connection:
         ssl_ctx = None
@@ -75,10 +95,12 @@ class Pool:
             raise ConnectError(f"cannot connect to {key.host}:{key.port}: {exc.strerror or exc}") from None
         return conn
 
-    async def request(self, key: Target, method: bytes, path: bytes, headers: bytes, body: bytes) -> Reply:
+    async def request(self, key: Target, method: bytes, path: bytes, headers: bytes, body: bytes,
+                      pending: set | None = None) -> Reply:
         """Send one request; return once the answer's status and headers are in.
 
         `headers` are whole header lines (b"Name: value\\r\\n"), forwarded as the client's bytes.
+        `pending` is the backend's set of answers awaiting their first byte (see Reply).
         The request goes out in one write. When a reused keep-alive connection turns out to have
         been closed by the backend before it sent anything back, the request is sent again, once,
         on a fresh connection (never after any byte of an answer).
@@ -99,7 +121,7 @@ class Pool:
                 cand.close()
             if conn is None:
                 conn = await self._connect(key)
-            reply = Reply(conn, self, key, head_only)
+            reply = Reply(conn, self, key, head_only, pending)
             conn.reply = reply
             try:
                 assert conn.transport is not None
@@ -123,6 +145,9 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for conns in self.idle.values():
             for c in conns:
                 c.close()

@@ -15,7 +15,8 @@ from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from .access import AccessLog
 from .balancer import Route, content_texts
-from .failures import ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, StreamErrorEvent, TransportError
+from .failures import (BackendHung, ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, StreamErrorEvent,
+                       TransportError)
 from .health import Health
 from .migration import Transcript, continuation, migratable
 from .pool import Pool
@@ -59,6 +60,8 @@ FAILURES: dict[type[TransportError], Failure] = {
                               "Bad gateway - error communicating with service", True),
     ProtocolError: Failure("upstream_protocol", "upstream_protocol", 502, "upstream_protocol",
                            "Bad gateway - malformed answer from the backend", True),
+    BackendHung: Failure("hung", "hung", 503, "upstream_unavailable",
+                         "Service unavailable - the backend stopped answering", True),
     StreamErrorEvent: Failure("stream_error_event", "stream_error_event", 502, "bad_gateway",
                               "Bad gateway - the backend reported an error", True),
 }
@@ -294,7 +297,7 @@ class Proxy:
             reply: Reply | None = None
             try:
                 headers = adm.headers + b.auth_lines if b.auth_lines else adm.headers
-                reply = await pool.request(pool.target(b.url), method, path, headers, adm.body)
+                reply = await pool.request(pool.target(b.url), method, path, headers, adm.body, b.pending)
                 ex.status = reply.status
                 if reply.streaming:
                     return await self._relay(request, adm, route, reply, b, mstats, ex, exclude)
@@ -441,7 +444,7 @@ class Proxy:
         try:
             reply = await pool.request(pool.target(b.url), b"POST", adm.path.encode(),
                                        adm.headers + b.auth_lines if b.auth_lines else adm.headers,
-                                       json.dumps(body).encode())
+                                       json.dumps(body).encode(), b.pending)
         except TransportError as exc:
             f = FAILURES[type(exc)]
             b.stats.error(f.kind, f"backend {b.name}: {exc}", asyncio.get_running_loop().time())

@@ -23,9 +23,10 @@ class Reply:
 
     __slots__ = ("conn", "pool", "key", "status", "headers", "content_type", "streaming", "keep_alive",
                  "until_close", "head_done", "complete", "interim", "error", "parts", "buffered",
-                 "waiter", "sink", "blocked", "got_bytes", "head_only", "released")
+                 "waiter", "sink", "blocked", "got_bytes", "head_only", "released", "pending", "sent_at")
 
-    def __init__(self, conn: "Connection", pool: "Pool", key: tuple, head_only: bool) -> None:
+    def __init__(self, conn: "Connection", pool: "Pool", key: tuple, head_only: bool,
+                 pending: set | None = None) -> None:
         self.conn = conn
         self.pool = pool
         self.key = key
@@ -47,6 +48,17 @@ class Reply:
         self.got_bytes = False
         self.head_only = head_only
         self.released = False
+        # The backend's set of answers still waiting for their first byte (its health checker
+        # re-dispatches them if the backend is found hung); this reply is in it until then.
+        self.pending = pending
+        self.sent_at = conn.loop.time()
+        if pending is not None:
+            pending.add(self)
+
+    def first_byte(self) -> None:
+        self.got_bytes = True
+        if self.pending is not None:
+            self.pending.discard(self)
 
     # -- filled in by the connection -------------------------------------------------------------
     def head(self, status: int, keep_alive: bool) -> None:
@@ -155,6 +167,8 @@ class Reply:
         if self.released:
             return
         self.released = True
+        if self.pending is not None:
+            self.pending.discard(self)
         conn = self.conn
         conn.reply = None
         if self.complete and self.keep_alive and not conn.closed and not conn.close_after:
@@ -164,6 +178,8 @@ class Reply:
 
     def close(self) -> None:
         """Drop the connection (the backend sees the client go away)."""
+        if self.pending is not None:
+            self.pending.discard(self)
         if not self.released:
             self.released = True
             self.conn.reply = None

@@ -18,7 +18,8 @@ class Backend:
     __slots__ = ("name", "host", "port", "url", "babysitter_url", "models", "models_list", "metadata",
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
-                 "opened_at", "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen")
+                 "opened_at", "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
+                 "pending", "probing", "suspect_probe")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -47,6 +48,9 @@ class Backend:
         self.stats = Counters()
         self.auth_headers: dict[str, str] = {}
         self.auth_lines = b""            # the same as request header lines, for the proxy path
+        self.pending: set = set()        # replies sent here that have had no byte back yet
+        self.probing = False             # an active check is in flight
+        self.suspect_probe = 0.0         # loop time of the last probe made because requests waited
         self.waiters: list[asyncio.Future] = []
         self.reopen: asyncio.TimerHandle | None = None
 
