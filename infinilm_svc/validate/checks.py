@@ -66,6 +66,14 @@ async def check_router(run: Run) -> CheckResult:
                                            f"(healthy_services={body.get('healthy_services')!r}, status={body.get('status')!r})")
     note = f" ({run.router_note})" if run.router_note else ""
     problems = await _other_router_problems(run, body.get("healthy_services"))
+    # With --wait, routers that have not yet caught up with the registry are given that long.
+    deadline = time.monotonic() + run.options.wait
+    while problems and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        status, body = await request_json(run, "GET", run.router + "/health")
+        if status != 200 or not isinstance(body, dict):
+            break
+        problems = await _other_router_problems(run, body.get("healthy_services"))
     if problems:
         return CheckResult(2, name, False, f"{run.router}: {body.get('healthy_services')} backends healthy, but "
                                            + "; ".join(problems))
