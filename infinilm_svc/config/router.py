@@ -56,6 +56,8 @@ class RouterConfig:
     session_header: str = "X-Session-ID"    # session policy key header (after prompt_cache_key)
     cache_type_threshold: int = 51200       # bytes of message text above which "static" pools are used
     access_log: bool = True
+    drain_timeout: float = 30.0             # on SIGTERM: how long in-flight requests and streams may finish
+    reuse_port: bool = True                 # SO_REUSEPORT: a new router can bind the port while this one drains
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -71,7 +73,7 @@ class RouterConfig:
             if pol not in POLICIES:
                 out.append((f"model_policies.{model}", f"unknown policy {pol!r} (one of {', '.join(POLICIES)})"))
         for name in ("heartbeat_interval", "watch_wait", "health_interval", "health_timeout",
-                     "eject_cooldown", "connect_timeout", "read_timeout", "upstream_idle_timeout", "queue_timeout",
+                     "eject_cooldown", "connect_timeout", "read_timeout", "upstream_idle_timeout", "drain_timeout", "queue_timeout",
                      "session_load_factor", "cache_balance_ratio"):
             if (m := check_positive(getattr(self, name), name)):
                 out.append((name, m))
