@@ -27,7 +27,8 @@ class RouterConfig:
     backend_api_keys: Mapping[str, str] = field(default_factory=dict)  # per backend name, overrides backend_api_key
     max_body: int = 32 * 1024 * 1024        # bytes; long prompts are big
     heartbeat_interval: float = 10.0
-    watch_wait: float = 30.0                # blocking-query wait against the registry
+    watch_wait: float = 30.0
+    registry_reset_grace: float = 30.0      # keep backends a restarted registry does not list yet this long                # blocking-query wait against the registry
     health_interval: float = 5.0
     health_timeout: float = 1.0
     health_path: str = "/health"            # probed on each backend's own URL
@@ -89,6 +90,8 @@ class RouterConfig:
                      "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
+        if self.registry_reset_grace < 0:
+            out.append(("registry_reset_grace", f"registry_reset_grace must be >= 0, got {self.registry_reset_grace}"))
         if self.session_load_factor < 1:
             out.append(("session_load_factor", f"session_load_factor must be >= 1, got {self.session_load_factor}"))
         if self.max_body < 1024:
