@@ -37,6 +37,13 @@ class RequestHandler(Protocol):
     def make_request(self, message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest: ...
 
 
+# How long a role's in-flight requests may run on after a stop signal (default 5 s), and whether
+# its listening socket is opened with SO_REUSEPORT so a new process can bind the same port while
+# this one drains (the router sets both).
+SHUTDOWN_TIMEOUT = web.AppKey("shutdown_timeout", float)
+REUSE_PORT = web.AppKey("reuse_port", bool)
+_LATE_REQUEST_GRACE = 0.5   # seconds between closing a draining role's listener and its idle connections
+
 # A role whose app holds a RequestHandler here is served by it instead of the app's route table
 # (the router does this for its proxy path); the app still owns startup and cleanup.
 REQUEST_HANDLER = web.AppKey("request_handler", RequestHandler)
@@ -44,6 +51,15 @@ REQUEST_HANDLER = web.AppKey("request_handler", RequestHandler)
 
 class AppRunner(web.AppRunner):
     """aiohttp's AppRunner, serving with the app's own RequestHandler when it declares one."""
+
+    async def cleanup(self) -> None:
+        if self.app.get(REUSE_PORT):
+            # Stop listening first, then give connections accepted in the last moment time to send
+            # their request before aiohttp closes every connection that has none in progress.
+            for site in list(self.sites):
+                await site.stop()
+            await asyncio.sleep(_LATE_REQUEST_GRACE)
+        await super().cleanup()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -62,11 +78,12 @@ async def start_app(hosted: HostedApp) -> AppRunner:
     """Run the app's startup (cleanup_ctx) and open its listening socket."""
     # handler_cancellation: a client that goes away cancels its handler at once, so the router
     # closes the backend connection (and generation stops) without waiting for its next write.
-    runner = AppRunner(hosted.app, handle_signals=False, access_log=None, shutdown_timeout=5.0,
-                           handler_cancellation=True)
+    runner = AppRunner(hosted.app, handle_signals=False, access_log=None,
+                       shutdown_timeout=hosted.app.get(SHUTDOWN_TIMEOUT, 5.0), handler_cancellation=True)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, hosted.bind, hosted.port, reuse_address=True)
+        site = web.TCPSite(runner, hosted.bind, hosted.port, reuse_address=True,
+                           reuse_port=hosted.app.get(REUSE_PORT, False) or None)
         await site.start()
     except OSError as exc:
         await runner.cleanup()

@@ -27,7 +27,8 @@ class RouterConfig:
     backend_api_keys: Mapping[str, str] = field(default_factory=dict)  # per backend name, overrides backend_api_key
     max_body: int = 32 * 1024 * 1024        # bytes; long prompts are big
     heartbeat_interval: float = 10.0
-    watch_wait: float = 30.0                # blocking-query wait against the registry
+    watch_wait: float = 30.0
+    registry_reset_grace: float = 30.0      # keep backends a restarted registry does not list yet this long                # blocking-query wait against the registry
     health_interval: float = 5.0
     health_timeout: float = 1.0
     health_path: str = "/health"            # probed on each backend's own URL
@@ -56,6 +57,8 @@ class RouterConfig:
     session_header: str = "X-Session-ID"    # session policy key header (after prompt_cache_key)
     cache_type_threshold: int = 51200       # bytes of message text above which "static" pools are used
     access_log: bool = True
+    drain_timeout: float = 30.0             # on SIGTERM: how long in-flight requests and streams may finish
+    reuse_port: bool = True                 # SO_REUSEPORT: a new router can bind the port while this one drains
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -71,7 +74,7 @@ class RouterConfig:
             if pol not in POLICIES:
                 out.append((f"model_policies.{model}", f"unknown policy {pol!r} (one of {', '.join(POLICIES)})"))
         for name in ("heartbeat_interval", "watch_wait", "health_interval", "health_timeout",
-                     "eject_cooldown", "connect_timeout", "read_timeout", "upstream_idle_timeout", "queue_timeout",
+                     "eject_cooldown", "connect_timeout", "read_timeout", "upstream_idle_timeout", "drain_timeout", "queue_timeout",
                      "session_load_factor", "cache_balance_ratio"):
             if (m := check_positive(getattr(self, name), name)):
                 out.append((name, m))
@@ -87,6 +90,8 @@ class RouterConfig:
                      "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
+        if self.registry_reset_grace < 0:
+            out.append(("registry_reset_grace", f"registry_reset_grace must be >= 0, got {self.registry_reset_grace}"))
         if self.session_load_factor < 1:
             out.append(("session_load_factor", f"session_load_factor must be >= 1, got {self.session_load_factor}"))
         if self.max_body < 1024:

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..client.registry import RegistryClient
 from ..config.router import RouterConfig
-from ..runtime import REQUEST_HANDLER
+from ..runtime import REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
 from .balancer import make_policy
 from .frontdoor import FrontDoor, json_response
 from .discovery import Discovery, deregister, keep_registered, router_record
@@ -72,6 +72,31 @@ async def _cancel(task: asyncio.Task | None) -> None:
             await task
 
 
+class Registration:
+    """The router's own registry record and the task keeping it, so a stop can withdraw it early."""
+
+    def __init__(self) -> None:
+        self.registry: RegistryClient | None = None
+        self.name: str | None = None
+        self.task: asyncio.Task | None = None
+
+    async def withdraw(self) -> None:
+        """Stop heartbeating and deregister (once): the first thing a stopping router does."""
+        task, self.task = self.task, None
+        await _cancel(task)
+        if self.registry is not None and self.name is not None:
+            name, self.name = self.name, None
+            await deregister(self.registry, name)
+
+
+REGISTRATION = web.AppKey("router_registration", Registration)
+
+
+async def _withdraw(app: web.Application) -> None:
+    # on_shutdown: after the listener closed, before in-flight requests are waited for.
+    await app[REGISTRATION].withdraw()
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
@@ -80,8 +105,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     pool = Pool(config.connect_timeout, config.read_timeout, config.upstream_idle_timeout, config.upstream_max_idle)
     app[PROXY].pool = pool
     tasks: list[asyncio.Task] = []
-    registry = None
-    record = None
     try:
         app[DISCOVERY].load_static()
     except (OSError, ValueError) as exc:
@@ -90,16 +113,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         registry = RegistryClient(session, config.registry_url, config.registry_token, timeout=5.0)
         tasks.append(asyncio.create_task(app[DISCOVERY].watch(registry), name="router-registry-watch"))
         record = router_record(config)
-        tasks.append(asyncio.create_task(keep_registered(registry, record, config.heartbeat_interval),
-                                         name="router-registration"))
+        reg = app[REGISTRATION]
+        reg.registry, reg.name = registry, record["name"]
+        reg.task = asyncio.create_task(keep_registered(registry, record, config.heartbeat_interval),
+                                       name="router-registration")
     tasks.append(asyncio.create_task(app[HEALTH].run(session), name="router-health"))
     try:
         yield
     finally:
+        await app[REGISTRATION].withdraw()
         for task in tasks:
             await _cancel(task)
-        if registry is not None and record is not None:
-            await deregister(registry, record["name"])
         for b in app[TABLE].backends.values():
             app[HEALTH].forget(b)
         pool.close()
@@ -142,4 +166,10 @@ def create_app(config: RouterConfig) -> web.Application:
     for path, handler in {**local_endpoints(table, proxy), "/metrics": metrics}.items():
         door.add_local(path, handler)
     app[REQUEST_HANDLER] = door
+    # A stop withdraws the registration, closes the listener and lets in-flight requests and
+    # streams finish for up to drain_timeout; with reuse_port a new router can already serve the port.
+    app[REGISTRATION] = Registration()
+    app.on_shutdown.append(_withdraw)
+    app[SHUTDOWN_TIMEOUT] = config.drain_timeout
+    app[REUSE_PORT] = config.reuse_port
     return app

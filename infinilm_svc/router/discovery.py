@@ -56,6 +56,11 @@ class Discovery:
         self.config = config
         self.table = table
         self.health = health
+        # After the registry may have restarted (its index went back, or it was unreachable), the
+        # backends it does not list yet are kept until this loop time: they re-register within a
+        # heartbeat, and dropping them meanwhile would fail every request for their models.
+        self.grace_until = 0.0
+        self.graced: set[str] = set()
 
     def apply(self, records: list[dict], static: bool = False) -> None:
         """Merge records into the table; registry backends not in `records` are removed."""
@@ -78,10 +83,20 @@ class Discovery:
             if _routing_view(b) != before:
                 changed = True
         if not static:
-            for name in [n for n, b in t.backends.items() if not b.static and n not in seen]:
+            missing = [n for n, b in t.backends.items() if not b.static and n not in seen]
+            if missing and asyncio.get_running_loop().time() < self.grace_until:
+                new = set(missing) - self.graced
+                if new:
+                    self.graced |= new
+                    log.warning("the registry may have restarted: keeping %d backend(s) it does not list yet "
+                                "(%s) for up to %gs", len(new), ", ".join(sorted(new)), self.config.registry_reset_grace)
+                missing = []
+            for name in missing:
                 self.health.forget(t.backends.pop(name))
+                self.graced.discard(name)
                 changed = True
                 log.info("backend %s: removed (gone from the registry)", name)
+            self.graced &= set(t.backends) - seen
         # Heartbeats that change nothing routing depends on do not rebuild rings and lists.
         if changed:
             t.rebuild()
@@ -136,6 +151,8 @@ class Discovery:
                 t.registry_url, t.registry_failover = client.url, client.last_failover
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
+                if index:
+                    self._start_grace()
                 index = 0
                 continue
             delay = 0.2
@@ -145,12 +162,20 @@ class Discovery:
             t.registry_ok = True
             t.registry_error = None
             t.registry_synced_at = time.time()
-            # A restarted registry starts its index again from zero: resynchronise.
+            # A restarted registry starts its index again from zero: resynchronise, and keep what
+            # it has not heard of again yet for a while.
+            if new_index < index:
+                self._start_grace()
             index = new_index if new_index >= index and new_index > 0 else 0
             t.registry_index = new_index
             self.apply(records)
             if index == 0:
                 await asyncio.sleep(min(1.0, self.config.watch_wait))
+
+
+    def _start_grace(self) -> None:
+        if self.config.registry_reset_grace > 0:
+            self.grace_until = asyncio.get_running_loop().time() + self.config.registry_reset_grace
 
 
 WILDCARD = ("", "0.0.0.0", "::", "[::]")

@@ -1,0 +1,115 @@
+"""Restarting a router loses nothing: it drains in-flight requests and streams, and a new router
+binds the same port (SO_REUSEPORT) before the old one stops, so a rolling restart refuses no one."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from conftest import async_wait_for, free_port
+from test_router_harness import HOST, dep  # noqa: F401 (a fixture)
+from test_router_proxy import start_mock_process
+
+
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+@pytest.fixture
+def migrate_req():
+    """Linux's tcp_migrate_req=1 (as the restart procedure says): connections queued on a closing
+    listener move to the other listener of the SO_REUSEPORT group instead of being reset."""
+    if not MIGRATE_REQ.exists():
+        pytest.skip("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14 or newer)")
+    before = MIGRATE_REQ.read_text()
+    try:
+        MIGRATE_REQ.write_text("1")
+    except OSError as exc:
+        pytest.skip(f"cannot set net.ipv4.tcp_migrate_req (needs root): {exc}")
+    yield
+    MIGRATE_REQ.write_text(before)
+
+
+def router_process(procs, tmp_path, registry_url: str, port: int, name: str):
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nregistry_url = "{registry_url}"\nname = "{name}"\n'
+                   "health_interval = 60.0\naccess_log = false\n")
+    return procs.start([sys.executable, "-m", "infinilm_svc", "--config", str(cfg)], name=name)
+
+
+async def test_a_rolling_restart_under_load_refuses_no_connection_and_finishes_open_streams(dep, procs, tmp_path,
+                                                                                           migrate_req):
+    await start_mock_process(dep, procs, "a", ["m"])
+    await start_mock_process(dep, procs, "slow-stream", ["s"], "--chunks", "100", "--chunk-interval", "0.1")
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    old = router_process(procs, tmp_path, dep.registry_url, port, "router-old")
+
+    async def serves(n: int) -> bool:
+        try:
+            async with dep.session.get(url + "/health") as r:
+                return (await r.json())["healthy_services"] == f"{n}/{n}"
+        except aiohttp.ClientError:
+            return False
+    await async_wait_for(lambda: serves(2), timeout=20, what="the old router serving")
+
+    results: list = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        # A new connection per request: a refused connection would show as a failed request.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as s:
+            while not stop.is_set():
+                try:
+                    async with s.post(url + "/v1/chat/completions",
+                                      json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as r:
+                        await r.read()
+                        results.append(r.status)
+                except aiohttp.ClientError as exc:
+                    results.append(type(exc).__name__)
+
+    async def long_stream() -> str:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + "/v1/chat/completions",
+                              json={"model": "s", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+                return (await r.read()).decode()
+
+    clients = [asyncio.create_task(client()) for _ in range(10)]
+    stream = asyncio.create_task(long_stream())
+    try:
+        await async_wait_for(lambda: _value(len(results) > 50), timeout=20, what="load flowing")
+        new = router_process(procs, tmp_path, dep.registry_url, port, "router-new")
+        await async_wait_for(lambda: _value(new.poll() is None and len(results) > 0), timeout=5, what="new router")
+        # The new router is up when the registry lists it.
+        assert dep.registry is not None
+
+        async def new_registered():
+            services, _ = await dep.registry.services()
+            return any(s["name"] == "router-new" for s in services)
+        await async_wait_for(new_registered, timeout=20, what="the new router registered")
+        t0 = time.monotonic()
+        old.send_signal(signal.SIGTERM)
+        n = len(results)
+        await async_wait_for(lambda: _value(len(results) > n + 100), timeout=30, what="load through the new router")
+        text = await asyncio.wait_for(stream, 30)
+        old.wait(timeout=30)
+        drained = time.monotonic() - t0
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+    failed = [r for r in results if r != 200]
+    assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
+    assert text.count("data: [DONE]") == 1 and "error" not in text, text[-300:]
+    assert old.returncode == 0
+    services, _ = await dep.registry.services()
+    assert not any(s["name"] == "router-old" for s in services)
+    print(f"{len(results)} requests, none failed; the old router drained its stream and exited after {drained:.1f}s")
+
+
+async def _value(v):
+    return v
