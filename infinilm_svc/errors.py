@@ -103,18 +103,28 @@ async def error_middleware(request: web.Request, handler):
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
-def parse_json_object(raw: bytes) -> dict:
-    """Parse a request body that must be a JSON object, or raise ApiError 400 saying what is wrong."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(raw: bytes, strict: bool = False) -> dict:
+    """Parse a request body that must be a JSON object, or raise ApiError 400 saying what is wrong.
+
+    `strict` also refuses NaN and Infinity, which Python accepts but strict parsers reject. A body
+    nested too deeply for the parser is a 400 like any other invalid JSON, never a crash.
+    """
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant) if strict else json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"invalid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return data
 
 
-async def read_json_object(request: web.Request) -> dict:
+async def read_json_object(request: web.Request, strict: bool = True) -> dict:
     """Read the request body as a JSON object, or raise ApiError 400/413 saying what is wrong."""
     try:
         raw = await request.read()
@@ -123,4 +133,4 @@ async def read_json_object(request: web.Request) -> dict:
                        code="body_too_large") from exc
     if not raw.strip():
         raise ApiError(400, "request body is empty; a JSON object is required", code="invalid_json")
-    return parse_json_object(raw)
+    return parse_json_object(raw, strict)

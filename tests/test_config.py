@@ -56,7 +56,7 @@ def test_node_file_lists_babysitters_relative_to_itself(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.toml").write_text((UP / "mock-type.toml").read_text())
     node_file = tmp_path / "node.toml"
-    node_file.write_text('babysitters = ["sub/b.toml"]\n[registry]\nport = 18001\n'
+    node_file.write_text('babysitters = ["sub/b.toml"]\n[registry]\nbind = "127.0.0.1"\nport = 18001\n'
                          '[router]\nport = 8001\nregistry_url = "http://127.0.0.1:18001"\npolicy = "session"\n')
     node = load_config_files([node_file])
     assert node.registry.port == 18001 and node.router.policy == "session"

@@ -13,11 +13,13 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from ..background import TaskSupervisor
 from ..config import RegistryConfig
 from ..errors import ApiError, error_middleware, read_json_object
 from .metrics import make_metrics, render
 from .store import StateWriter, load_state
 from .table import ServiceTable, format_url, rfc3339
+from .validation import WILDCARD_HOSTS, check_fields, check_heartbeat, check_metadata_size
 
 log = logging.getLogger(__name__)
 
@@ -26,51 +28,12 @@ TABLE = web.AppKey("table", ServiceTable)
 STARTED = web.AppKey("started", float)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", CollectorRegistry)
+TASKS = web.AppKey("tasks", TaskSupervisor)
 
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 _WAIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
 # -- input checking ----------------------------------------------------------------------------
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise ApiError(400, "field 'name' must be a non-empty string", code="invalid_field")
-    if "/" in name:
-        raise ApiError(400, f"field 'name' must not contain '/': {name!r}", code="invalid_field")
-    if len(name) > 253:
-        raise ApiError(400, "field 'name' is longer than 253 characters", code="invalid_field")
-    return name
-
-
-def _check_fields(body: dict, *, partial: bool) -> dict:
-    """Validate register (partial=False) or PUT (partial=True) fields; raise 400 naming the field."""
-    out: dict[str, Any] = {}
-    if not partial:
-        for req in ("name", "host", "port"):
-            if req not in body:
-                raise ApiError(400, f"missing required field: {req}", code="missing_field")
-        out["name"] = _check_name(body["name"])
-    for key in ("host", "hostname", "url", "status"):
-        if key in body:
-            if not isinstance(body[key], str):
-                raise ApiError(400, f"field '{key}' must be a string", code="invalid_field")
-            out[key] = body[key]
-    if "port" in body:
-        port = body["port"]
-        if not isinstance(port, int) or isinstance(port, bool):
-            raise ApiError(400, "field 'port' must be an integer", code="invalid_field")
-        if not 1 <= port <= 65535:
-            raise ApiError(400, f"field 'port' must be between 1 and 65535, got {port}", code="invalid_field")
-        out["port"] = port
-    if "metadata" in body and body["metadata"] is not None:
-        if not isinstance(body["metadata"], dict):
-            raise ApiError(400, "field 'metadata' must be an object", code="invalid_field")
-        out["metadata"] = body["metadata"]
-    if "status" in out and not out["status"].strip():
-        raise ApiError(400, "field 'status' must not be empty", code="invalid_field")
-    return out
-
-
 def _resolve_host(fields: dict, request: web.Request, current: dict | None = None) -> None:
     """A wildcard or empty host means "the address this registration came from"."""
     if "host" not in fields:
@@ -112,12 +75,15 @@ def _json(data: Any, status: int = 200, index: int | None = None) -> web.Respons
 # -- handlers ----------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     table = request.app[TABLE]
+    tasks = request.app[TASKS]
     return _json({
-        "status": "healthy",
+        "status": "degraded" if tasks.degraded else "healthy",
         "registry": "running",
+        "tasks": tasks.report(),
         "registered_services": len(table.records),
         "healthy_services": table.healthy_count(),
         "index": table.index,
+        "heartbeat_ttl": request.app[CONFIG].heartbeat_ttl,
         "timestamp": rfc3339(),
     }, index=table.index)
 
@@ -143,13 +109,18 @@ async def list_services(request: web.Request) -> web.Response:
 
 async def register_service(request: web.Request) -> web.Response:
     _require_token(request)
-    fields = _check_fields(await read_json_object(request), partial=False)
+    cfg = request.app[CONFIG]
+    fields = check_fields(await read_json_object(request), partial=False, max_metadata=cfg.max_metadata_bytes)
     _resolve_host(fields, request)
-    rec = request.app[TABLE].register(fields)
-    log.info("registered %s at %s (%s)", rec["name"], rec["url"], rec["metadata"].get("type", "?"))
     table = request.app[TABLE]
+    if fields["name"] not in table.records and len(table.records) >= cfg.max_services:
+        raise ApiError(429, f"the registry holds {len(table.records)} services, its limit (max_services)",
+                       code="too_many_services")
+    rec = table.register(fields)
+    log.info("registered %s at %s (%s)", rec["name"], rec["url"], rec["metadata"].get("type", "?"))
     return _json({"message": f"Service '{rec['name']}' registered successfully",
-                  "service": table.view(rec, table.clock())}, status=201, index=table.index)
+                  "service": table.view(rec, table.clock()), "heartbeat_ttl": cfg.heartbeat_ttl},
+                 status=201, index=table.index)
 
 
 def _lookup(request: web.Request) -> tuple[str, dict]:
@@ -169,7 +140,8 @@ async def get_service(request: web.Request) -> web.Response:
 async def update_service(request: web.Request) -> web.Response:
     _require_token(request)
     name, current = _lookup(request)
-    fields = _check_fields(await read_json_object(request), partial=True)
+    fields = check_fields(await read_json_object(request), partial=True,
+                          max_metadata=request.app[CONFIG].max_metadata_bytes)
     _resolve_host(fields, request, current)
     table = request.app[TABLE]
     rec = table.update(name, fields)
@@ -187,24 +159,21 @@ async def delete_service(request: web.Request) -> web.Response:
 
 
 async def heartbeat(request: web.Request) -> web.Response:
+    """Refresh a record; the answer carries the record as held, so its owner can see a hijack."""
     _require_token(request)
-    name, _ = _lookup(request)
+    name, rec = _lookup(request)
+    cfg = request.app[CONFIG]
     status = metadata = None
     if request.can_read_body:
         raw = await request.read()
         if raw.strip():
-            body = await read_json_object(request)
-            if "status" in body:
-                if not isinstance(body["status"], str) or not body["status"].strip():
-                    raise ApiError(400, "field 'status' must be a non-empty string", code="invalid_field")
-                status = body["status"]
-            if "metadata" in body and body["metadata"] is not None:
-                if not isinstance(body["metadata"], dict):
-                    raise ApiError(400, "field 'metadata' must be an object", code="invalid_field")
-                metadata = body["metadata"]
+            status, metadata = check_heartbeat(await read_json_object(request))
+            if metadata:
+                check_metadata_size({**rec["metadata"], **metadata}, cfg.max_metadata_bytes)
     table = request.app[TABLE]
-    table.heartbeat(name, status, metadata)
-    return _json({"message": "Heartbeat received", "timestamp": rfc3339()}, index=table.index)
+    rec = table.heartbeat(name, status, metadata)
+    return _json({"message": "Heartbeat received", "timestamp": rfc3339(), "heartbeat_ttl": cfg.heartbeat_ttl,
+                  "service": table.view(rec, table.clock())}, index=table.index)
 
 
 def _check_url(rec: dict) -> str:
@@ -228,8 +197,8 @@ async def service_health(request: web.Request) -> web.Response:
     ok = await _probe(app[SESSION], rec, app[CONFIG].probe_timeout)
     rec = app[TABLE].records.get(name, rec)
     rec["health_status"] = "healthy" if ok else "unhealthy"
-    if ok and name in app[TABLE].records:
-        app[TABLE].heartbeat(name)  # upstream: a successful live probe counts as a heartbeat
+    # Upstream counted a successful probe as a heartbeat; a read must not write (anyone could keep
+    # a dead record alive by asking about it), so only the informational health_status changes.
     table = app[TABLE]
     return _json({"service": name, "health_status": rec["health_status"],
                   "is_healthy": table.is_healthy(rec, table.clock()),
@@ -289,15 +258,14 @@ async def _background(app: web.Application):
     if cfg.state_file:
         load_state(cfg.state_file, app[TABLE])
         writer = StateWriter(cfg.state_file, app[TABLE])
-    tasks = [asyncio.create_task(_sweep_loop(app), name="registry-sweep")]
+    tasks = app[TASKS]
+    tasks.spawn("sweep", lambda: _sweep_loop(app))
     if cfg.probe_interval > 0:
-        tasks.append(asyncio.create_task(_probe_loop(app), name="registry-probe"))
+        tasks.spawn("probe", lambda: _probe_loop(app))
     if writer is not None:
-        tasks.append(asyncio.create_task(writer.run(), name="registry-state"))
+        tasks.spawn("state", writer.run)
     yield
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await tasks.close()
     if writer is not None:
         writer.flush()
     await app[SESSION].close()
@@ -310,6 +278,7 @@ def create_app(config: RegistryConfig) -> web.Application:
     app[TABLE] = ServiceTable(config.heartbeat_ttl, config.expire_after)
     app[STARTED] = time.time()
     app[METRICS] = make_metrics(app[TABLE])
+    app[TASKS] = TaskSupervisor("registry")
     app.cleanup_ctx.append(_background)
     r = app.router
     r.add_get("/health", health)
