@@ -80,7 +80,8 @@ BAD_REGISTRATIONS = [
 ]
 
 
-@pytest.mark.parametrize("body, status, fragment", BAD_REGISTRATIONS)
+@pytest.mark.parametrize("body, status, fragment", BAD_REGISTRATIONS,
+                         ids=[f"{i}-{frag.strip(chr(39))}" for i, (_, _, frag) in enumerate(BAD_REGISTRATIONS)])
 async def test_hostile_registration_is_refused_naming_the_field_and_changes_nothing(client, body, status, fragment):
     assert (await client.post("/services", json=rec(name="keep"))).status == 201
     before = await strict_table(client)
