@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..background import TaskSupervisor
 from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware
 from ..runtime import FORCE_EXIT_HOOKS
@@ -28,6 +29,7 @@ SUPERVISOR = web.AppKey("babysitter_supervisor", Supervisor)
 REGISTRATION = web.AppKey("babysitter_registration", Registration)
 STARTED = web.AppKey("babysitter_started", float)
 METRICS = web.AppKey("babysitter_metrics", CollectorRegistry)
+TASKS = web.AppKey("babysitter_tasks", TaskSupervisor)
 
 
 def log_path(config: BabysitterConfig) -> str:
@@ -48,15 +50,16 @@ async def _supervision(app: web.Application):
     registration = app.get(REGISTRATION)
     if registration is not None:
         registration.client.session = session
-    supervisor.start()
+    supervisor.start(app[TASKS])
     if registration is not None:
-        registration.start()
+        registration.start(app[TASKS])
     try:
         yield
     finally:
         if registration is not None:
             await registration.close()
         await supervisor.close()
+        await app[TASKS].close()
         await session.close()
         logbook.close()
 
@@ -73,7 +76,7 @@ def _health_body(request: web.Request) -> dict:
     return {"status": "healthy" if running else "unhealthy", "service": config.service_name,
             "babysitter": "enhanced", "infinilm_server_running": running,
             "infinilm_server_port": config.port if running else None,
-            "timestamp": int(time.time()), "state": sup.state}
+            "timestamp": int(time.time()), "state": sup.state, "tasks": request.app[TASKS].report()}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -96,7 +99,9 @@ async def status(request: web.Request) -> web.Response:
     body = request.app[SUPERVISOR].status()
     reg = request.app.get(REGISTRATION)
     body["registry"] = None if reg is None else {
-        "url": reg.client.url, "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error}
+        "url": reg.client.url, "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error,
+        "heartbeat_interval": reg.interval, "heartbeat_ttl": reg.client.heartbeat_ttl, "warning": reg.ttl_warning,
+        "overwritten": reg.overwritten}
     return web.json_response(body)
 
 
@@ -117,8 +122,10 @@ def _check_token(request: web.Request) -> None:
     token = request.app[CONFIG].token
     if not token:
         return
-    got = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+    # The scheme is case-insensitive (RFC 9110); the token itself is compared in constant time.
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    if not given or not hmac.compare_digest(given.encode(), token.encode()):
         raise ApiError(401, "this babysitter needs Authorization: Bearer <token>", code="invalid_token",
                        headers={"WWW-Authenticate": "Bearer"})
 
@@ -163,6 +170,7 @@ def _sse(entry: LogLine) -> bytes:
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
+    _check_token(request)  # backend logs can hold prompts
     book = request.app[LOGBOOK]
     follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
     if not follow:
@@ -209,6 +217,7 @@ def create_app(config: BabysitterConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
     app[STARTED] = time.time()
+    app[TASKS] = TaskSupervisor("babysitter")
     policy = config.babysitter
     try:
         file = RotatingLogFile(log_path(config), policy.log_max_bytes, policy.log_backups)
