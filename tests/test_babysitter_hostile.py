@@ -4,7 +4,7 @@ is case-insensitive, and /logs stays bounded and behind the token."""
 from __future__ import annotations
 
 from conftest import free_port, http_get_json, http_json, wait_for
-from test_babysitter import MOCK, record, start_babysitter, start_registry, status, write_babysitter
+from test_babysitter import MOCK, PY, SERVE_MODELS, record, start_babysitter, start_registry, status, write_babysitter
 
 
 def test_a_hijacked_record_is_taken_back_at_the_next_heartbeat(procs, tmp_path):
@@ -66,3 +66,36 @@ def test_the_bearer_scheme_is_case_insensitive_and_logs_need_the_token(procs, tm
     assert code == 200 and isinstance(body["lines"], list)
     code, body = http_get_json(base + "/health")  # probes stay open (503 only while it restarts)
     assert code in (200, 503) and body["service"] == "bs-auth"
+
+
+FLOOD = """\
+import http.server, json, sys
+sys.stdout.write("before\\n")
+sys.stdout.write("x" * (20 * 1024 * 1024) + "\\n")      # one 20 MB line
+for i in range(3000):
+    sys.stdout.write(f"line {i} " + "y" * 4000 + "\\n")  # 12 MB more in ordinary lines
+sys.stdout.write("after\\n")
+sys.stdout.flush()
+""" + SERVE_MODELS
+
+
+def test_one_huge_line_and_a_flood_leave_the_log_ring_bounded_in_bytes(procs, tmp_path):
+    port = free_port(pair=True)
+    script = tmp_path / "flood.py"
+    script.write_text(FLOOD)
+    cfg = write_babysitter(tmp_path, "bs-flood", port, {"type": "command", "command": PY,
+                                                       "args": [str(script), str(port)]},
+                           policy={"log_ring_lines": 100000, "log_ring_bytes": 1 << 20, "log_max_bytes": 1 << 30})
+    start_babysitter(procs, cfg)
+    base = f"http://127.0.0.1:{port + 1}"
+    wait_for(lambda: any(e["line"] == "after" for e in http_get_json(base + "/logs?tail=5")[1]["lines"]),
+             timeout=30, what="the flood logged")
+    lines = http_get_json(base + "/logs?tail=100000")[1]["lines"]
+    assert sum(len(e["line"]) for e in lines) <= 1 << 20
+    assert all(len(e["line"]) <= 16384 + 100 for e in lines)
+    # the file keeps the huge line's start, marked as cut, not 20 MB of it
+    text = (tmp_path / "logs" / "bs-flood.log").read_text()
+    assert "line cut: longer than 16384 characters" in text
+    assert len(text) < 14 * 1024 * 1024
+    metrics = http_get_json(base + "/metrics")[1]
+    assert "infinilm_babysitter_log_lines" in metrics

@@ -165,6 +165,9 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
     return value
 
 
+FOLLOW_WRITE_TIMEOUT = 60.0   # seconds a /logs follower may leave a write unread before it is dropped
+
+
 def _sse(entry: LogLine) -> bytes:
     return b"data: " + json.dumps(entry.as_dict()).encode() + b"\n\n"
 
@@ -177,34 +180,39 @@ async def logs(request: web.Request) -> web.StreamResponse:
         tail = _int_param(request, "tail", 100)
         return web.json_response({"name": book.name, "lines": [e.as_dict() for e in book.tail(tail)]})
     tail = _int_param(request, "tail", 0)
-    lines, queue = book.follow(tail)
+    lines, follower = book.follow(tail)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     try:
         await resp.prepare(request)
         if lines:
-            await resp.write(b"".join(map(_sse, lines)))
+            await _write(resp, b"".join(map(_sse, lines)))
         while True:
             try:
-                e = await asyncio.wait_for(queue.get(), 15.0)
+                e = await asyncio.wait_for(follower.get(), 15.0)
             except asyncio.TimeoutError:
-                await resp.write(b": keep-alive\n\n")
+                await _write(resp, b": keep-alive\n\n")
                 continue
             chunk = []
-            while e is not None:  # send what piled up in one write; None = the log book closed
+            while e is not None:  # send what piled up in one write; None = the stream ends
                 chunk.append(_sse(e))
-                if queue.empty():
+                if follower.empty():
                     break
-                e = queue.get_nowait()
+                e = follower.get_nowait()
             if chunk:
-                await resp.write(b"".join(chunk))
+                await _write(resp, b"".join(chunk))
             if e is None:
                 break
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (ConnectionResetError, asyncio.CancelledError, asyncio.TimeoutError):
         pass
     finally:
-        book.unfollow(queue)
+        book.unfollow(follower)
     return resp
+
+
+async def _write(resp: web.StreamResponse, data: bytes) -> None:
+    """A write to a follower that stops reading gives up after FOLLOW_WRITE_TIMEOUT."""
+    await asyncio.wait_for(resp.write(data), FOLLOW_WRITE_TIMEOUT)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -224,7 +232,7 @@ def create_app(config: BabysitterConfig) -> web.Application:
     except OSError as exc:
         log.warning("%s: no log file (%s); keeping the in-memory log only", config.service_name, exc)
         file = None
-    app[LOGBOOK] = logbook = LogBook(config.service_name, policy.log_ring_lines, file)
+    app[LOGBOOK] = logbook = LogBook(config.service_name, policy.log_ring_lines, file, policy.log_ring_bytes)
     # The HTTP session is attached in cleanup_ctx; the objects exist from the start so handlers
     # always find them.
     supervisor = app[SUPERVISOR] = Supervisor(config, logbook, None)
