@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ..background import TaskSupervisor
 from ..config.babysitter import BabysitterConfig
-from ..errors import ApiError, error_middleware
+from ..errors import ApiError, error_middleware, expect_continue
 from ..runtime import FORCE_EXIT_HOOKS
 from .logbook import LogBook, LogLine, RotatingLogFile
 from .metrics import make_metrics
@@ -253,7 +253,7 @@ def create_app(config: BabysitterConfig) -> web.Application:
     r.add_get("/v1/models", models)
     r.add_get("/logs", logs)
     r.add_get("/metrics", metrics)
-    r.add_post("/restart", restart)
-    r.add_post("/stop", stop)
-    r.add_post("/start", start)
+    r.add_post("/restart", restart, expect_handler=expect_continue)
+    r.add_post("/stop", stop, expect_handler=expect_continue)
+    r.add_post("/start", start, expect_handler=expect_continue)
     return app

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from ..background import TaskSupervisor
 from ..config import RegistryConfig
-from ..errors import ApiError, error_middleware, read_json_object
+from ..errors import ApiError, error_middleware, expect_continue, read_json_object
 from .metrics import make_metrics, render
 from .store import StateWriter, load_state
 from .table import ServiceTable, format_url, rfc3339
@@ -283,11 +283,11 @@ def create_app(config: RegistryConfig) -> web.Application:
     r = app.router
     r.add_get("/health", health)
     r.add_get("/services", list_services)
-    r.add_post("/services", register_service)
+    r.add_post("/services", register_service, expect_handler=expect_continue)
     r.add_get("/services/{name}", get_service)
-    r.add_put("/services/{name}", update_service)
+    r.add_put("/services/{name}", update_service, expect_handler=expect_continue)
     r.add_delete("/services/{name}", delete_service)
-    r.add_post("/services/{name}/heartbeat", heartbeat)
+    r.add_post("/services/{name}/heartbeat", heartbeat, expect_handler=expect_continue)
     r.add_get("/services/{name}/health", service_health)
     r.add_get("/stats", stats)
     r.add_get("/metrics", metrics)
