@@ -128,3 +128,14 @@ def test_name_override_needs_exactly_one_babysitter(tmp_path):
     node = load_config_files([UP / "command-mock.toml", UP / "mock-type.toml"])
     with pytest.raises(ConfigError, match="exactly one babysitter"):
         apply_overrides(node, name="x")
+
+
+def test_bearer_tokens_scheme_any_case_and_key_rings():
+    from infinilm_svc.auth import KeyRing, bearer_token
+
+    assert bearer_token("Bearer abc") == bearer_token("bearer abc") == bearer_token("BEARER  abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    ring = KeyRing(["k1", "k2"])
+    assert ring.allows("Bearer k1") and ring.allows("bearer k2")
+    assert not ring.allows("Bearer k3") and not ring.allows("k1") and not ring.allows(None)
+    assert KeyRing([]).allows(None) and KeyRing([]).open

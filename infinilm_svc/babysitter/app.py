@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -12,6 +11,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..auth import KeyRing
 from ..background import TaskSupervisor
 from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware, expect_continue
@@ -30,6 +30,7 @@ REGISTRATION = web.AppKey("babysitter_registration", Registration)
 STARTED = web.AppKey("babysitter_started", float)
 METRICS = web.AppKey("babysitter_metrics", CollectorRegistry)
 TASKS = web.AppKey("babysitter_tasks", TaskSupervisor)
+KEYS = web.AppKey("babysitter_keys", KeyRing)
 
 
 def log_path(config: BabysitterConfig) -> str:
@@ -119,13 +120,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 def _check_token(request: web.Request) -> None:
-    token = request.app[CONFIG].token
-    if not token:
-        return
-    # The scheme is case-insensitive (RFC 9110); the token itself is compared in constant time.
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    if not given or not hmac.compare_digest(given.encode(), token.encode()):
+    if not request.app[KEYS].allows(request.headers.get("Authorization")):
         raise ApiError(401, "this babysitter needs Authorization: Bearer <token>", code="invalid_token",
                        headers={"WWW-Authenticate": "Bearer"})
 
@@ -226,6 +221,7 @@ def create_app(config: BabysitterConfig) -> web.Application:
     app[CONFIG] = config
     app[STARTED] = time.time()
     app[TASKS] = TaskSupervisor("babysitter")
+    app[KEYS] = KeyRing([config.token] if config.token else [])
     policy = config.babysitter
     try:
         file = RotatingLogFile(log_path(config), policy.log_max_bytes, policy.log_backups)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -13,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from ..auth import KeyRing
 from ..background import TaskSupervisor
 from ..config import RegistryConfig
 from ..errors import ApiError, error_middleware, expect_continue, read_json_object
@@ -29,6 +29,7 @@ STARTED = web.AppKey("started", float)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 TASKS = web.AppKey("tasks", TaskSupervisor)
+KEYS = web.AppKey("keys", KeyRing)
 
 _WAIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
@@ -49,12 +50,7 @@ def _resolve_host(fields: dict, request: web.Request, current: dict | None = Non
 
 
 def _require_token(request: web.Request) -> None:
-    token = request.app[CONFIG].token
-    if token is None:
-        return
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    if not given or not hmac.compare_digest(given.encode(), token.encode()):
+    if not request.app[KEYS].allows(request.headers.get("Authorization")):
         raise ApiError(401, "this registry needs 'Authorization: Bearer <token>' for writes",
                        code="invalid_token", headers={"WWW-Authenticate": 'Bearer realm="infinilm-registry"'})
 
@@ -279,6 +275,7 @@ def create_app(config: RegistryConfig) -> web.Application:
     app[STARTED] = time.time()
     app[METRICS] = make_metrics(app[TABLE])
     app[TASKS] = TaskSupervisor("registry")
+    app[KEYS] = KeyRing([config.token] if config.token else [])
     app.cleanup_ctx.append(_background)
     r = app.router
     r.add_get("/health", health)
