@@ -69,21 +69,40 @@ def request(host: str, port: int, method: str, path: str, body: bytes | None = N
         conn.close()
 
 
-def send_raw(host: str, port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Write raw bytes and read until the server closes (or the timeout)."""
+def send_raw(host: str, port: int, data: bytes, timeout: float = 10.0, quiet: float = 0.5) -> bytes:
+    """Write raw bytes and read the first answer: until it is complete, the server closes, or
+    nothing more comes for `quiet` seconds (a server still waiting for bytes it was promised)."""
     with socket.create_connection((host, port), timeout=timeout) as s:
         try:
             s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
         except OSError:  # the server may answer and close before reading everything
             pass
-        chunks = []
+        s.settimeout(quiet)
+        buf = b""
         try:
             while chunk := s.recv(65536):
-                chunks.append(chunk)
+                buf += chunk
+                if _complete(buf):
+                    break
         except (ConnectionResetError, TimeoutError, socket.timeout):
             pass
-    return b"".join(chunks)
+    return buf
+
+
+def _complete(buf: bytes) -> bool:
+    head, sep, body = buf.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    if head.startswith(b"HTTP/1.1 100"):
+        return _complete(body) if body else False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            try:
+                return len(body) >= int(value.strip())
+            except ValueError:
+                return False
+    return False
 
 
 def check_answer(status: int, headers: dict[str, str], body: bytes, what: str = "") -> Any:
@@ -101,8 +120,12 @@ def check_raw_answer(raw: bytes, what: str = "") -> None:
     """A raw exchange: every response on it is below 500, and each error is the JSON envelope."""
     if not raw:
         return  # the server closed without answering: acceptable for garbage
+    if raw.startswith(b"HTTP/1.1 100"):
+        raw = raw.partition(b"\r\n\r\n")[2]
+        if not raw:
+            return
     head = raw.split(b"\r\n", 1)[0]
-    assert head.startswith(b"HTTP/1."), f"{what}: {raw[:200]!r}"
+    assert head.startswith(b"HTTP/"), f"{what}: {raw[:200]!r}"
     status = int(head.split()[1])
     assert status < 500, f"{what}: {raw[:300]!r}"
     if status >= 400:

@@ -77,3 +77,14 @@ async def test_bad_records_are_skipped_once_and_discovery_keeps_following(dep, c
     skipped = [r.getMessage() for r in caplog.records if "record skipped" in r.getMessage()]
     for rec in poison:
         assert sum(rec["name"] + ":" in m for m in skipped) == 1, (rec["name"], skipped)
+
+
+async def test_a_record_it_cannot_connect_to_is_retried_elsewhere(dep):  # noqa: F811
+    """A backend whose address refuses connections counts as a connect failure and the request is
+    retried on another backend; never a 500."""
+    await dep.start_mock("mock-a", ["m"])
+    await dep.register("dead", 1, ["m"])       # port 1 on loopback: connection refused
+    await dep.start_router(policy="round_robin")
+    await dep.wait_routable(2)
+    for _ in range(10):
+        assert await dep.chat("m") == "mock-a"
