@@ -88,3 +88,28 @@ async def test_a_record_it_cannot_connect_to_is_retried_elsewhere(dep):  # noqa:
     await dep.wait_routable(2)
     for _ in range(10):
         assert await dep.chat("m") == "mock-a"
+
+
+async def test_a_router_record_the_registry_refuses_is_warned_about_once(dep, caplog):  # noqa: F811
+    refusals = []
+
+    async def refuse(request):
+        refusals.append(1)
+        return web.json_response({"error": {"message": "field 'name' is not allowed", "type": "invalid_request_error",
+                                            "code": "invalid_field"}}, status=400)
+
+    lax = LaxRegistry()
+    app = lax.app()
+    port = free_port()
+    app.router.add_post("/refuse/services", refuse)
+    await dep.aiohttp_server(app, host=HOST, port=port)
+    dep.registry_url = f"http://{HOST}:{port}/refuse"
+    caplog.set_level(logging.WARNING, logger="infinilm_svc.router.discovery")
+    await dep.start_router()
+    await async_wait_for(lambda: _true(len(refusals) >= 4), timeout=10, what="several refused registrations")
+    warned = [r.getMessage() for r in caplog.records if "refuses this router's record" in r.getMessage()]
+    assert len(warned) == 1 and "field 'name' is not allowed" in warned[0]
+
+
+async def _true(value: bool) -> bool:
+    return value

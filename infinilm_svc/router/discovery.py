@@ -230,6 +230,7 @@ async def keep_registered(client: RegistryClient, record: dict, interval: float)
     """Register, then heartbeat every `interval`; re-register when the registry forgot us."""
     registered = False
     meta = record["metadata"]
+    refused: str | None = None  # the last refusal, said once (a 400 or 401 does not fix itself)
     while True:
         try:
             if not registered:
@@ -239,12 +240,18 @@ async def keep_registered(client: RegistryClient, record: dict, interval: float)
                     meta["url"] = stored["url"]          # the address the registry saw us at
                     await client.heartbeat(record["name"], status="running", metadata={"url": meta["url"]})
                 log.info("registered as %s in the registry (%s)", record["name"], meta.get("url"))
+                refused = None
             elif not await client.heartbeat(record["name"], status="running"):
                 registered = False
                 continue
         except asyncio.CancelledError:
             raise
-        except (RegistryUnavailable, RegistryRejected) as exc:
+        except RegistryRejected as exc:
+            registered = False
+            if str(exc) != refused:
+                log.warning("the registry refuses this router's record %s: %s", record["name"], exc)
+            refused = str(exc)
+        except RegistryUnavailable as exc:
             registered = False
             log.debug("router self-registration: %s", exc)
         await asyncio.sleep(interval)
