@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="print the services and models tables and exit")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument("--token", default=os.environ.get("INFINILM_TOKEN"),
-                   help="bearer token for babysitter actions (default $INFINILM_TOKEN)")
+                   help="bearer token for babysitter logs and actions (default $INFINILM_TOKEN)")
     return p
 
 

@@ -348,7 +348,7 @@ class Babysitters:
         """Lines from `GET /logs?follow=1` as they arrive; ends when the stream closes."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         async with self.session.get(url.rstrip("/") + "/logs", params={"follow": "1", "tail": str(tail)},
-                                    timeout=timeout) as resp:
+                                    headers=self._headers(), timeout=timeout) as resp:
             if resp.status != 200:
                 raise ActionFailed(f"{url}/logs answered {resp.status}")
             data: list[str] = []

@@ -107,18 +107,48 @@ async def error_middleware(request: web.Request, handler):
         return error_answer(request, exc)
 
 
-def parse_json_object(raw: bytes) -> dict:
-    """Parse a request body that must be a JSON object, or raise ApiError 400 saying what is wrong."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """The `expect_handler` of routes that take a body: a declared body over the app's limit is
+    refused with 413 before the client sends it (aiohttp's default says 100 Continue first)."""
+    limit = request.app._client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        resp = error_response(413, f"request body too large: {request.content_length} bytes declared, "
+                                   f"the limit is {limit}", code="body_too_large")
+        resp.force_close()  # the body is never read: the connection cannot be reused
+        return resp
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        resp = error_response(417, f"unsupported Expect: {expect[:100]!r}", code="expectation_failed")
+        resp.force_close()
+        return resp
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the real answer is still to come
+    return None
+
+
+def parse_json_object(raw: bytes, strict: bool = False) -> dict:
+    """Parse a request body that must be a JSON object, or raise ApiError 400 saying what is wrong.
+
+    `strict` also refuses NaN and Infinity, which Python accepts but strict parsers reject. A body
+    nested too deeply for the parser is a 400 like any other invalid JSON, never a crash.
+    """
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant) if strict else json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"invalid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "invalid JSON: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
     return data
 
 
-async def read_json_object(request: web.Request) -> dict:
+async def read_json_object(request: web.Request, strict: bool = True) -> dict:
     """Read the request body as a JSON object, or raise ApiError 400/413 saying what is wrong."""
     try:
         raw = await request.read()
@@ -127,4 +157,4 @@ async def read_json_object(request: web.Request) -> dict:
                        code="body_too_large") from exc
     if not raw.strip():
         raise ApiError(400, "request body is empty; a JSON object is required", code="invalid_json")
-    return parse_json_object(raw)
+    return parse_json_object(raw, strict)

@@ -2,15 +2,27 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Protocol
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import error_response
 
 log = logging.getLogger(__name__)
+
+# A connection must send a complete request head within this long of opening, or of its last
+# answer; otherwise it is closed. This bounds idle keep-alive connections and slow-header
+# ("slowloris") clients alike: aiohttp's keep-alive timer runs while no request has arrived, and
+# bytes that do not finish a request head do not reset it.
+IDLE_TIMEOUT = 60.0
+ACCEPT_ERROR_INTERVAL = 10.0      # accept() failures are summarised at most this often
 
 
 @dataclass
@@ -29,7 +41,7 @@ class HostedApp:
 FORCE_EXIT_HOOKS = web.AppKey("force_exit_hooks", list)
 
 
-class RequestHandler(Protocol):
+class RoleHandler(Protocol):
     """What a role gives to serve its requests itself (aiohttp's low-level handler and factory)."""
 
     def dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]: ...
@@ -46,11 +58,51 @@ _LATE_REQUEST_GRACE = 0.5   # seconds between closing a draining role's listener
 
 # A role whose app holds a RequestHandler here is served by it instead of the app's route table
 # (the router does this for its proxy path); the app still owns startup and cleanup.
-REQUEST_HANDLER = web.AppKey("request_handler", RequestHandler)
+REQUEST_HANDLER = web.AppKey("request_handler", RoleHandler)
+
+
+class StartupError(Exception):
+    """A role could not start (port taken, bad address, failed startup hook)."""
+
+
+class _EnvelopeRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse with the JSON envelope."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:  # the client's mistake: not worth a traceback per request
+            log.debug("malformed request from %s: %s", request.remote, message or exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response with the error message")
+        if status >= 500:
+            resp = error_response(status, "internal error", "server_error")
+        else:
+            text = (message or (str(exc) if exc else "") or "malformed request").splitlines()[0][:300]
+            resp = error_response(status, f"malformed HTTP request: {text}", code="malformed_request")
+        resp.force_close()
+        return resp
+
+
+class _EnvelopeServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class AppRunner(web.AppRunner):
-    """aiohttp's AppRunner, serving with the app's own RequestHandler when it declares one."""
+    """aiohttp's AppRunner with three differences: connections answer unparsable requests with the
+    JSON envelope (aiohttp's own are text/plain); an app that declares a REQUEST_HANDLER is served
+    by it instead of its route table; and a draining app (REUSE_PORT) stops listening before its
+    idle connections are closed. The app's startup and cleanup run as usual."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        handler = self.app.get(REQUEST_HANDLER)
+        return _EnvelopeServer(handler.dispatch if handler is not None else plain.request_handler,
+                               request_factory=handler.make_request if handler is not None else plain.request_factory,
+                               handler_cancellation=plain.handler_cancellation,
+                               loop=plain._loop, **plain._kwargs)  # noqa: SLF001 - rebuilt as-is, one class swapped
 
     async def cleanup(self) -> None:
         if self.app.get(REUSE_PORT):
@@ -61,25 +113,73 @@ class AppRunner(web.AppRunner):
             await asyncio.sleep(_LATE_REQUEST_GRACE)
         await super().cleanup()
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        handler = self.app.get(REQUEST_HANDLER)
-        if handler is not None:
-            server.request_handler = handler.dispatch
-            server.request_factory = handler.make_request
-        return server
+
+def raise_fd_limit() -> tuple[int, int] | None:
+    """Raise the soft open-files limit to the hard one, so many clients do not run us out of fds."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-files limit from %d to %d: %s", soft, target, exc)
+        return soft, hard
+    log.debug("open-files limit raised from %d to %d", soft, target)
+    return target, hard
 
 
-class StartupError(Exception):
-    """A role could not start (port taken, bad address, failed startup hook)."""
+class AcceptErrorLog:
+    """A loop exception handler that reports resource exhaustion once per interval, with a count,
+    instead of one traceback per failed accept(); everything else goes to the default handler."""
+
+    RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+    def __init__(self, interval: float = ACCEPT_ERROR_INTERVAL) -> None:
+        self.interval = interval
+        self.count = 0           # failures since the last report
+        self.total = 0
+        self.last_report = 0.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in self.RESOURCE_ERRNOS):
+            loop.default_exception_handler(context)
+            return
+        self.count += 1
+        self.total += 1
+        now = time.monotonic()
+        if now - self.last_report >= self.interval:
+            log.error("cannot accept connections: %s (%d time(s) in the last %.0f s); open connections are "
+                      "at the process's limit", exc.strerror or exc, self.count, self.interval)
+            self.count = 0
+            self.last_report = now
+
+    async def watch(self, every: float = 1.0) -> None:
+        """Notice the fd limit being reached on loops that do not report failed accepts (uvloop
+        keeps such connections queued silently): a spare descriptor that cannot be had means the
+        process is at its limit. Reported like a failed accept, once per interval."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            try:
+                os.close(os.dup(2))
+            except OSError as exc:
+                if exc.errno in self.RESOURCE_ERRNOS:
+                    self(loop, {"message": "open files at the limit", "exception": exc})
 
 
-async def start_app(hosted: HostedApp) -> AppRunner:
+async def start_app(hosted: HostedApp, idle_timeout: float = IDLE_TIMEOUT) -> AppRunner:
     """Run the app's startup (cleanup_ctx) and open its listening socket."""
     # handler_cancellation: a client that goes away cancels its handler at once, so the router
     # closes the backend connection (and generation stops) without waiting for its next write.
     runner = AppRunner(hosted.app, handle_signals=False, access_log=None,
-                       shutdown_timeout=hosted.app.get(SHUTDOWN_TIMEOUT, 5.0), handler_cancellation=True)
+                       shutdown_timeout=hosted.app.get(SHUTDOWN_TIMEOUT, 5.0), handler_cancellation=True,
+                       keepalive_timeout=idle_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, hosted.bind, hosted.port, reuse_address=True,
@@ -114,6 +214,10 @@ async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None) -> int
                         log.exception("force-exit hook failed")
             os._exit(1)
 
+    raise_fd_limit()
+    accept_errors = AcceptErrorLog()
+    loop.set_exception_handler(accept_errors)
+    fd_watch = asyncio.create_task(accept_errors.watch(), name="fd-limit-watch")
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, on_signal, sig)
@@ -129,6 +233,7 @@ async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None) -> int
         log.error("%s", exc)
         code = 1
     finally:
+        fd_watch.cancel()
         for runner in reversed(runners):
             try:
                 await runner.cleanup()

@@ -87,3 +87,31 @@ def test_health_path_without_declared_models_is_a_config_error():
     problems = BackendConfig(type="command", command="srv", health_path="/ping").check()
     assert problems == [("health_path", 'health_path is for a backend without a model list: it needs models = ["..."]')]
     assert BackendConfig(type="command", command="srv", health_path="/ping", models=("m",)).check() == []
+
+
+def test_log_lines_are_cut_and_marked_and_the_ring_is_bounded_in_bytes():
+    from infinilm_svc.babysitter.logbook import CUT_MARK, MAX_LINE
+
+    book = LogBook("bs", ring_lines=1000, ring_bytes=100_000)
+    book.add("stdout", "z" * (MAX_LINE * 10))
+    assert book.tail(1)[0].line == "z" * MAX_LINE + CUT_MARK
+    for i in range(500):
+        book.add("stdout", f"{i:04d}" + "a" * 1000)
+    assert sum(len(e.line) for e in book.ring) <= 100_000
+    assert book.tail(1)[0].line.startswith("0499")
+
+
+async def test_a_follower_that_does_not_read_is_dropped_not_buffered():
+    book = LogBook("bs", ring_lines=100)
+    _, slow = book.follow(0, limit=50_000)
+    _, fast = book.follow(0, limit=50_000)
+    for i in range(100):
+        book.add("stdout", "b" * 1000)
+        while not fast.empty():
+            fast.get_nowait()
+    assert book.followers == 1 and slow.dropped and not fast.dropped
+    got = []
+    while not slow.empty():
+        got.append(slow.get_nowait())
+    assert got[-1] is None and "log follower dropped" in got[-2].line
+    assert len(got) == 2  # what was queued is released, not kept

@@ -25,7 +25,7 @@ def test_version_and_help(pyz_path):
 
 def test_check_config_prints_all_three_mistakes_with_lines_and_exits_2(pyz_path, tmp_path):
     cfg = tmp_path / "node.toml"
-    cfg.write_text('[registry]\nport = 70000\nheartbeat_tll = 10\n\n[router]\n'
+    cfg.write_text('[registry]\nport = 70000\nheartbeat_tll = 10\nbind = "127.0.0.1"\n[router]\n'
                    'registry_url = "http://127.0.0.1:18000"\npolicy = "fastest"\n')
     out = run_pyz("check-config", str(cfg))
     assert out.returncode == 2
@@ -35,6 +35,22 @@ def test_check_config_prints_all_three_mistakes_with_lines_and_exits_2(pyz_path,
     assert any(":3: registry.heartbeat_tll: unknown key" in line for line in lines)
     assert any(":7: router.policy: unknown policy 'fastest'" in line for line in lines)
     assert "3 problem(s) found" in out.stdout
+
+
+def test_a_registry_on_every_interface_without_a_token_refuses_to_start(pyz_path, tmp_path):
+    """Secure by default: no open registry on a network unless the operator says insecure = true."""
+    port = free_port()
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[registry]\nport = {port}\n')
+    out = run_pyz("--config", str(cfg))
+    assert out.returncode == 2 and "registry.bind: the registry would listen on 0.0.0.0 with no token" in out.stderr
+    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\n')
+    out = run_pyz("--config", str(cfg), "--bind", "0.0.0.0")
+    assert out.returncode == 2 and "--bind: the registry would listen on 0.0.0.0" in out.stderr
+    cfg.write_text(f'[registry]\nport = {port}\ninsecure = true\n')
+    assert run_pyz("check-config", str(cfg)).returncode == 0
+    cfg.write_text(f'[registry]\nport = {port}\ntoken = "t"\n')
+    assert run_pyz("check-config", str(cfg)).returncode == 0
 
 
 def test_check_config_accepts_a_good_file(pyz_path, tmp_path):

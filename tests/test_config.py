@@ -56,7 +56,7 @@ def test_node_file_lists_babysitters_relative_to_itself(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.toml").write_text((UP / "mock-type.toml").read_text())
     node_file = tmp_path / "node.toml"
-    node_file.write_text('babysitters = ["sub/b.toml"]\n[registry]\nport = 18001\n'
+    node_file.write_text('babysitters = ["sub/b.toml"]\n[registry]\nbind = "127.0.0.1"\nport = 18001\n'
                          '[router]\nport = 8001\nregistry_url = "http://127.0.0.1:18001"\npolicy = "session"\n')
     node = load_config_files([node_file])
     assert node.registry.port == 18001 and node.router.policy == "session"
@@ -128,3 +128,14 @@ def test_name_override_needs_exactly_one_babysitter(tmp_path):
     node = load_config_files([UP / "command-mock.toml", UP / "mock-type.toml"])
     with pytest.raises(ConfigError, match="exactly one babysitter"):
         apply_overrides(node, name="x")
+
+
+def test_bearer_tokens_scheme_any_case_and_key_rings():
+    from infinilm_svc.auth import KeyRing, bearer_token
+
+    assert bearer_token("Bearer abc") == bearer_token("bearer abc") == bearer_token("BEARER  abc ") == "abc"
+    assert bearer_token("Basic abc") is None and bearer_token("Bearer ") is None and bearer_token(None) is None
+    ring = KeyRing(["k1", "k2"])
+    assert ring.allows("Bearer k1") and ring.allows("bearer k2")
+    assert not ring.allows("Bearer k3") and not ring.allows("k1") and not ring.allows(None)
+    assert KeyRing([]).allows(None) and KeyRing([]).open

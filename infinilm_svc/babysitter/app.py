@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -12,8 +11,10 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..auth import KeyRing
+from ..background import TaskSupervisor
 from ..config.babysitter import BabysitterConfig
-from ..errors import ApiError, error_middleware
+from ..errors import ApiError, error_middleware, expect_continue
 from ..runtime import FORCE_EXIT_HOOKS
 from .logbook import LogBook, LogLine, RotatingLogFile
 from .metrics import make_metrics
@@ -28,6 +29,8 @@ SUPERVISOR = web.AppKey("babysitter_supervisor", Supervisor)
 REGISTRATION = web.AppKey("babysitter_registration", Registration)
 STARTED = web.AppKey("babysitter_started", float)
 METRICS = web.AppKey("babysitter_metrics", CollectorRegistry)
+TASKS = web.AppKey("babysitter_tasks", TaskSupervisor)
+KEYS = web.AppKey("babysitter_keys", KeyRing)
 
 
 def log_path(config: BabysitterConfig) -> str:
@@ -48,15 +51,16 @@ async def _supervision(app: web.Application):
     registration = app.get(REGISTRATION)
     if registration is not None:
         registration.client.session = session
-    supervisor.start()
+    supervisor.start(app[TASKS])
     if registration is not None:
-        registration.start()
+        registration.start(app[TASKS])
     try:
         yield
     finally:
         if registration is not None:
             await registration.close()
         await supervisor.close()
+        await app[TASKS].close()
         await session.close()
         logbook.close()
 
@@ -73,7 +77,7 @@ def _health_body(request: web.Request) -> dict:
     return {"status": "healthy" if running else "unhealthy", "service": config.service_name,
             "babysitter": "enhanced", "infinilm_server_running": running,
             "infinilm_server_port": config.port if running else None,
-            "timestamp": int(time.time()), "state": sup.state}
+            "timestamp": int(time.time()), "state": sup.state, "tasks": request.app[TASKS].report()}
 
 
 async def health(request: web.Request) -> web.Response:
@@ -98,7 +102,9 @@ async def status(request: web.Request) -> web.Response:
     body["registry"] = None if reg is None else {
         "url": reg.client.url, "urls": reg.client.urls, "failovers": reg.client.failovers,
         "last_failover": reg.client.last_failover,
-        "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error}
+        "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error,
+        "heartbeat_interval": reg.interval, "heartbeat_ttl": reg.client.heartbeat_ttl, "warning": reg.ttl_warning,
+        "overwritten": reg.overwritten}
     return web.json_response(body)
 
 
@@ -116,11 +122,7 @@ async def models(request: web.Request) -> web.Response:
 
 
 def _check_token(request: web.Request) -> None:
-    token = request.app[CONFIG].token
-    if not token:
-        return
-    got = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+    if not request.app[KEYS].allows(request.headers.get("Authorization")):
         raise ApiError(401, "this babysitter needs Authorization: Bearer <token>", code="invalid_token",
                        headers={"WWW-Authenticate": "Bearer"})
 
@@ -160,45 +162,54 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
     return value
 
 
+FOLLOW_WRITE_TIMEOUT = 60.0   # seconds a /logs follower may leave a write unread before it is dropped
+
+
 def _sse(entry: LogLine) -> bytes:
     return b"data: " + json.dumps(entry.as_dict()).encode() + b"\n\n"
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
+    _check_token(request)  # backend logs can hold prompts
     book = request.app[LOGBOOK]
     follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
     if not follow:
         tail = _int_param(request, "tail", 100)
         return web.json_response({"name": book.name, "lines": [e.as_dict() for e in book.tail(tail)]})
     tail = _int_param(request, "tail", 0)
-    lines, queue = book.follow(tail)
+    lines, follower = book.follow(tail)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     try:
         await resp.prepare(request)
         if lines:
-            await resp.write(b"".join(map(_sse, lines)))
+            await _write(resp, b"".join(map(_sse, lines)))
         while True:
             try:
-                e = await asyncio.wait_for(queue.get(), 15.0)
+                e = await asyncio.wait_for(follower.get(), 15.0)
             except asyncio.TimeoutError:
-                await resp.write(b": keep-alive\n\n")
+                await _write(resp, b": keep-alive\n\n")
                 continue
             chunk = []
-            while e is not None:  # send what piled up in one write; None = the log book closed
+            while e is not None:  # send what piled up in one write; None = the stream ends
                 chunk.append(_sse(e))
-                if queue.empty():
+                if follower.empty():
                     break
-                e = queue.get_nowait()
+                e = follower.get_nowait()
             if chunk:
-                await resp.write(b"".join(chunk))
+                await _write(resp, b"".join(chunk))
             if e is None:
                 break
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (ConnectionResetError, asyncio.CancelledError, asyncio.TimeoutError):
         pass
     finally:
-        book.unfollow(queue)
+        book.unfollow(follower)
     return resp
+
+
+async def _write(resp: web.StreamResponse, data: bytes) -> None:
+    """A write to a follower that stops reading gives up after FOLLOW_WRITE_TIMEOUT."""
+    await asyncio.wait_for(resp.write(data), FOLLOW_WRITE_TIMEOUT)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -211,13 +222,15 @@ def create_app(config: BabysitterConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[CONFIG] = config
     app[STARTED] = time.time()
+    app[TASKS] = TaskSupervisor("babysitter")
+    app[KEYS] = KeyRing([config.token] if config.token else [])
     policy = config.babysitter
     try:
         file = RotatingLogFile(log_path(config), policy.log_max_bytes, policy.log_backups)
     except OSError as exc:
         log.warning("%s: no log file (%s); keeping the in-memory log only", config.service_name, exc)
         file = None
-    app[LOGBOOK] = logbook = LogBook(config.service_name, policy.log_ring_lines, file)
+    app[LOGBOOK] = logbook = LogBook(config.service_name, policy.log_ring_lines, file, policy.log_ring_bytes)
     # The HTTP session is attached in cleanup_ctx; the objects exist from the start so handlers
     # always find them.
     supervisor = app[SUPERVISOR] = Supervisor(config, logbook, None)
@@ -238,7 +251,7 @@ def create_app(config: BabysitterConfig) -> web.Application:
     r.add_get("/v1/models", models)
     r.add_get("/logs", logs)
     r.add_get("/metrics", metrics)
-    r.add_post("/restart", restart)
-    r.add_post("/stop", stop)
-    r.add_post("/start", start)
+    r.add_post("/restart", restart, expect_handler=expect_continue)
+    r.add_post("/stop", stop, expect_handler=expect_continue)
+    r.add_post("/start", start, expect_handler=expect_continue)
     return app

@@ -10,6 +10,16 @@ from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
+MAX_LINE = 16384                 # characters kept of one line; the rest is cut and the cut marked
+CUT_MARK = " [... line cut: longer than 16384 characters]"
+LINE_OVERHEAD = 64               # bytes counted per line on top of its text (the tuple, the float)
+FOLLOWER_BUFFER = 1 << 20        # bytes a follower may have queued before it is dropped
+
+
+def cut_line(line: str) -> str:
+    """The line, cut at MAX_LINE characters and marked when it was longer."""
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE] + CUT_MARK
+
 
 class LogLine(NamedTuple):
     """One captured line."""
@@ -63,21 +73,79 @@ class RotatingLogFile:
             pass
 
 
-class LogBook:
-    """Where every backend line and babysitter marker goes: ring, file and followers."""
+class Follower:
+    """One live reader of the log: a queue bounded in bytes; a reader that falls too far behind
+    is dropped (its stream ends with a line saying so) rather than pinning memory."""
 
-    def __init__(self, name: str, ring_lines: int, file: RotatingLogFile | None = None) -> None:
+    def __init__(self, limit: int = FOLLOWER_BUFFER) -> None:
+        self.queue: asyncio.Queue[LogLine | None] = asyncio.Queue()
+        self.pending = 0
+        self.limit = limit
+        self.dropped = False
+
+    def offer(self, entry: LogLine) -> bool:
+        """Queue a line; False (and the follower ends) when it would exceed the buffer."""
+        size = len(entry.line) + LINE_OVERHEAD
+        if self.pending + size > self.limit:
+            self.drop(f"log follower dropped: more than {self.limit} bytes waiting to be read")
+            return False
+        self.pending += size
+        self.queue.put_nowait(entry)
+        return True
+
+    def drop(self, why: str) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.pending = 0
+        self.dropped = True
+        self.queue.put_nowait(LogLine(time.time(), "babysitter", why))
+        self.queue.put_nowait(None)
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+    def _taken(self, e: LogLine | None) -> LogLine | None:
+        if e is not None:
+            self.pending = max(0, self.pending - len(e.line) - LINE_OVERHEAD)
+        return e
+
+    async def get(self) -> LogLine | None:
+        return self._taken(await self.queue.get())
+
+    def get_nowait(self) -> LogLine | None:
+        return self._taken(self.queue.get_nowait())
+
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+
+class LogBook:
+    """Where every backend line and babysitter marker goes: ring, file and followers.
+
+    The ring is bounded both in lines and in bytes, and every line is cut at MAX_LINE characters,
+    so one huge line or a chatty backend cannot make the babysitter's memory grow.
+    """
+
+    def __init__(self, name: str, ring_lines: int, file: RotatingLogFile | None = None,
+                 ring_bytes: int = 4 << 20) -> None:
         self.name = name
-        self.ring: collections.deque[LogLine] = collections.deque(maxlen=ring_lines)
+        self.ring: collections.deque[LogLine] = collections.deque()
+        self.ring_lines = ring_lines
+        self.ring_bytes = ring_bytes
+        self.bytes = 0
         self.file = file
-        self._followers: set[asyncio.Queue] = set()
+        self._followers: set[Follower] = set()
         self._closed = False
         self._echo_log = logging.getLogger(f"infinilm_svc.backend.{name}")
 
     def add(self, stream: str, line: str) -> None:
         """Record one line (no trailing newline) from `stream`."""
+        line = cut_line(line)
         entry = LogLine(time.time(), stream, line)
         self.ring.append(entry)
+        self.bytes += len(line) + LINE_OVERHEAD
+        while len(self.ring) > self.ring_lines or (self.bytes > self.ring_bytes and len(self.ring) > 1):
+            self.bytes -= len(self.ring.popleft().line) + LINE_OVERHEAD
         if self.file is not None:
             try:
                 self.file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(entry.ts))} [{stream}] {line}\n")
@@ -87,11 +155,10 @@ class LogBook:
         if self._echo_log.isEnabledFor(logging.DEBUG) or (stream == "babysitter"):
             level = logging.INFO if stream == "babysitter" else logging.DEBUG
             self._echo_log.log(level, "[%s %s] %s", self.name, stream, line)
-        for q in tuple(self._followers):
-            try:
-                q.put_nowait(entry)
-            except asyncio.QueueFull:  # a follower too slow to keep up loses lines, not memory
-                pass
+        for f in tuple(self._followers):
+            if not f.offer(entry):  # too slow to keep up: dropped, not allowed to pin memory
+                self._followers.discard(f)
+                log.warning("%s: a /logs follower fell more than %d bytes behind and was dropped", self.name, f.limit)
 
     def add_lines(self, stream: str, lines: list[str]) -> None:
         for line in lines:
@@ -113,27 +180,27 @@ class LogBook:
             return list(ring)
         return list(ring)[-n:]
 
-    def follow(self, tail: int, maxsize: int = 10000) -> tuple[list[LogLine], asyncio.Queue]:
-        """The last `tail` lines and a queue of every later one (None = the log book closed)."""
-        q: asyncio.Queue = asyncio.Queue(maxsize=maxsize)
+    def follow(self, tail: int, limit: int = FOLLOWER_BUFFER) -> tuple[list[LogLine], Follower]:
+        """The last `tail` lines and a follower receiving every later one (None = the stream ends)."""
+        f = Follower(limit)
         if self._closed:
-            q.put_nowait(None)
+            f.end()
         else:
-            self._followers.add(q)
-        return self.tail(tail), q
+            self._followers.add(f)
+        return self.tail(tail), f
 
-    def unfollow(self, q: asyncio.Queue) -> None:
-        self._followers.discard(q)
+    def unfollow(self, f: Follower) -> None:
+        self._followers.discard(f)
+
+    @property
+    def followers(self) -> int:
+        return len(self._followers)
 
     def close_followers(self) -> None:
         """End every follow stream (on shutdown)."""
         self._closed = True
-        for q in tuple(self._followers):
-            try:
-                q.put_nowait(None)
-            except asyncio.QueueFull:
-                q.get_nowait()
-                q.put_nowait(None)
+        for f in tuple(self._followers):
+            f.end()
         self._followers.clear()
 
     def close(self) -> None:

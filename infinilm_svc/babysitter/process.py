@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..config.babysitter import BabysitterConfig
 from ..runtime import self_command
-from .logbook import LogBook
+from .logbook import CUT_MARK, MAX_LINE, LogBook
 
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
@@ -93,16 +93,24 @@ class BackendProcess:
         if reader is None:
             return
         pending = b""
+        skipping = False  # inside an over-long line whose start is already logged (and marked cut)
         try:
             while True:
                 chunk = await reader.read(65536)
                 if not chunk:
                     break
+                if skipping:
+                    nl = chunk.find(b"\n")
+                    if nl < 0:
+                        continue
+                    skipping, chunk = False, chunk[nl + 1:]
                 pending += chunk
                 if b"\n" not in pending:
-                    if len(pending) > 65536:  # an endless line is cut, not buffered forever
-                        self.logbook.add_lines(stream, [pending.decode("utf-8", "replace")])
+                    if len(pending) > MAX_LINE * 4:  # an endless line is cut, not buffered forever
+                        self.logbook.add_lines(stream, [pending[:MAX_LINE * 4].decode("utf-8", "replace")[:MAX_LINE]
+                                                        + CUT_MARK])
                         pending = b""
+                        skipping = True
                     continue
                 *lines, pending = pending.split(b"\n")
                 self.logbook.add_lines(stream, [ln.decode("utf-8", "replace").rstrip("\r") for ln in lines])

@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 
+from ..background import TaskSupervisor
 from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 from ..config.babysitter import BabysitterConfig
 from .supervisor import Supervisor
@@ -30,6 +31,12 @@ class Registration:
         self.heartbeats = 0
         self._poke = asyncio.Event()
         self._task: asyncio.Task | None = None
+        # What the registry stored for each of our names when we registered (it may have put the
+        # address it saw in place of a wildcard host): a heartbeat answer that differs is a hijack
+        # or a stale record, and we register again.
+        self.expected: dict[str, tuple] = {}
+        self.overwritten = 0            # times the registry held someone else's record under our name
+        self.ttl_warning: str | None = None
 
     # --- records -------------------------------------------------------------------------------
 
@@ -68,22 +75,49 @@ class Registration:
         """Send a heartbeat now (the backend's state changed)."""
         self._poke.set()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name=f"registration {self.config.service_name}")
+    def start(self, tasks: TaskSupervisor | None = None) -> None:
+        if tasks is not None:
+            self._task = tasks.spawn("registration", self._loop).task
+        else:
+            self._task = asyncio.create_task(self._loop(), name=f"registration {self.config.service_name}")
 
     async def _register(self) -> None:
-        await self.client.register(self._record(self.config.service_name, self.config.api_port,
-                                                self.babysitter_metadata()))
-        await self.client.register(self._record(self.config.server_name, self.config.port,
-                                                self.backend_metadata()))
+        for name, port, meta in ((self.config.service_name, self.config.api_port, self.babysitter_metadata()),
+                                 (self.config.server_name, self.config.port, self.backend_metadata())):
+            record = self._record(name, port, meta)
+            stored = await self.client.register(record)
+            self.expected[name] = _identity(stored if stored else record)
+        self._check_ttl()
 
-    async def _heartbeat(self) -> bool:
-        """Heartbeat both records; False if the registry no longer knows one of them."""
+    def _check_ttl(self) -> None:
+        """Warn (once per TTL seen) when heartbeats are too far apart for the registry's TTL."""
+        ttl = self.client.heartbeat_ttl
+        if ttl is None or self.interval <= ttl / 3:
+            self.ttl_warning = None
+            return
+        warning = (f"heartbeat_interval {self.interval:g} s is more than a third of the registry's heartbeat_ttl "
+                   f"{ttl:g} s: one late or lost heartbeat will mark the backend unhealthy; "
+                   f"set heartbeat_interval <= {ttl / 3:g}")
+        if warning != self.ttl_warning:
+            log.warning("%s: %s", self.config.service_name, warning)
+        self.ttl_warning = warning
+
+    async def _heartbeat(self) -> str | None:
+        """Heartbeat both records; None when all is well, else why we must register again."""
         state = self.supervisor.state
-        ok = await self.client.heartbeat(self.config.service_name, state, self.babysitter_metadata())
-        ok = await self.client.heartbeat(self.config.server_name, state, self.backend_metadata()) and ok
+        for name, meta in ((self.config.service_name, self.babysitter_metadata()),
+                           (self.config.server_name, self.backend_metadata())):
+            held = await self.client.beat(name, state, meta)
+            if held is None:
+                return f"the registry forgot {name} (heartbeat answered 404)"
+            expected = self.expected.get(name)
+            if held and expected is not None and _identity(held) != expected:
+                self.overwritten += 1
+                return (f"the registry holds another record under {name} ({_describe(_identity(held))}, "
+                        f"ours is {_describe(expected)}): someone re-registered our name")
         self.heartbeats += 1
-        return ok
+        self._check_ttl()
+        return None
 
     async def _loop(self) -> None:
         retry = min(0.25, self.interval)
@@ -95,9 +129,8 @@ class Registration:
                     self.registered = True
                     log.info("%s: registered %s and %s with %s", self.config.service_name, self.config.service_name,
                              self.config.server_name, self.client.url)
-                elif not await self._heartbeat():
-                    log.warning("%s: the registry forgot us (heartbeat answered 404); registering again",
-                                self.config.service_name)
+                elif (why := await self._heartbeat()) is not None:
+                    log.warning("%s: %s; registering again", self.config.service_name, why)
                     self.registered = False
                     continue
                 self.last_ok = time.time()
@@ -131,3 +164,15 @@ class Registration:
                 await asyncio.wait_for(self.client.deregister(name), 3.0)
             except (RegistryUnavailable, RegistryRejected, asyncio.TimeoutError) as exc:
                 log.warning("%s: could not deregister %s: %s", self.config.service_name, name, exc)
+
+
+def _identity(record: dict) -> tuple:
+    """What must not change under our name: where it points and what kind of service it is."""
+    meta = record.get("metadata")
+    return (record.get("host"), record.get("port"), (record.get("url") or "").rstrip("/") or None,
+            meta.get("type") if isinstance(meta, dict) else None)
+
+
+def _describe(identity: tuple) -> str:
+    host, port, url, type_ = identity
+    return f"{url or f'{host}:{port}'}, type {type_}"

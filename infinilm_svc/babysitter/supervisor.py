@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import aiohttp
 
+from ..background import TaskSupervisor
 from ..config.babysitter import BabysitterConfig
 from .logbook import LogBook
 from .process import BackendProcess, launch_spec, probe_host, signal_number
@@ -95,9 +96,12 @@ class Supervisor:
     def backend_url(self) -> str:
         return f"http://{self.config.host}:{self.config.port}"
 
-    def start(self) -> None:
-        """Begin supervising (in the running loop)."""
-        self._task = asyncio.create_task(self._loop(), name=f"supervise {self.config.service_name}")
+    def start(self, tasks: TaskSupervisor | None = None) -> None:
+        """Begin supervising (in the running loop); under `tasks`, a loop that fails is restarted."""
+        if tasks is not None:
+            self._task = tasks.spawn("supervise", self._loop).task
+        else:
+            self._task = asyncio.create_task(self._loop(), name=f"supervise {self.config.service_name}")
 
     def request_start(self) -> None:
         """POST /start: run the backend again (also leaves FATAL), with a fresh failure count."""

@@ -61,6 +61,7 @@ class RegistryClient:
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(CONNECT_TIMEOUT, timeout))
         self.failovers = 0
         self.last_failover: dict[str, Any] | None = None
+        self.heartbeat_ttl: float | None = None   # as the registry last told it (register/heartbeat answers)
 
     @property
     def url(self) -> str:
@@ -122,10 +123,20 @@ class RegistryClient:
         """POST /services; returns the stored record."""
         status, body, _ = await self._call("POST", "/services", json=record)
         self._raise_for(status, body)
+        self._note_ttl(body)
         return body.get("service", {}) if isinstance(body, dict) else {}
+
+    def _note_ttl(self, body: Any) -> None:
+        if isinstance(body, dict) and isinstance(body.get("heartbeat_ttl"), (int, float)):
+            self.heartbeat_ttl = float(body["heartbeat_ttl"])
 
     async def heartbeat(self, name: str, status: str | None = None, metadata: dict | None = None) -> bool:
         """POST /services/{name}/heartbeat; False when the registry does not know the name."""
+        return await self.beat(name, status, metadata) is not None
+
+    async def beat(self, name: str, status: str | None = None, metadata: dict | None = None) -> dict | None:
+        """POST /services/{name}/heartbeat; the record as the registry holds it ({} from a registry
+        that does not say), or None when it does not know the name."""
         payload: dict[str, Any] = {}
         if status is not None:
             payload["status"] = status
@@ -133,9 +144,11 @@ class RegistryClient:
             payload["metadata"] = metadata
         code, body, _ = await self._call("POST", f"/services/{name}/heartbeat", json=payload or None)
         if code == 404:
-            return False
+            return None
         self._raise_for(code, body)
-        return True
+        self._note_ttl(body)
+        held = body.get("service") if isinstance(body, dict) else None
+        return held if isinstance(held, dict) else {}
 
     async def deregister(self, name: str) -> bool:
         """DELETE /services/{name}; False when it was not registered."""

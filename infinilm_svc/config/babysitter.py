@@ -30,6 +30,7 @@ class SupervisionConfig:
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 3
     log_ring_lines: int = 2000
+    log_ring_bytes: int = 4 * 1024 * 1024   # the in-memory ring is bounded by this too
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -47,6 +48,8 @@ class SupervisionConfig:
             out.append(("stopsignal", f"unknown signal {self.stopsignal!r} (TERM, INT, QUIT, HUP, KILL, USR1, USR2)"))
         if self.log_ring_lines < 10:
             out.append(("log_ring_lines", f"log_ring_lines must be >= 10, got {self.log_ring_lines}"))
+        if self.log_ring_bytes < 65536:
+            out.append(("log_ring_bytes", f"log_ring_bytes must be >= 65536, got {self.log_ring_bytes}"))
         return out
 
 

@@ -158,6 +158,10 @@ def apply_overrides(node: NodeConfig, *, bind: str | None = None, host: str | No
     if bind is not None:
         if registry is not None:
             registry = replace(registry, bind=bind)
+            # The same refusal as in the file: --bind must not open an unauthenticated registry.
+            for key, message in registry.check():
+                if key == "bind":
+                    raise ConfigError([Problem("command line", None, "--bind", message)])
         if router is not None:
             router = replace(router, bind=bind)
     if router is not None and registry_url is not None:

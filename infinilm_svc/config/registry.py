@@ -1,6 +1,7 @@
 """The `[registry]` table of a node file."""
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from .schema import check_port, check_positive, check_url
@@ -27,6 +28,9 @@ class RegistryConfig:
     etcd_endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
     etcd_prefix: str = "/infinilm-svc/"
     etcd_timeout: float = 2.0         # one etcd request; a write tries other members for twice this
+    max_metadata_bytes: int = 16384   # a record's metadata as JSON; larger gets 413
+    max_services: int = 10000         # records held at most; registering one more gets 429
+    insecure: bool = False            # allow a non-loopback bind without a token (anyone may write)
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -57,4 +61,24 @@ class RegistryConfig:
             out.append(("etcd_timeout", m))
         if self.token is not None and not self.token.strip():
             out.append(("token", "token must not be empty (leave it out to disable auth)"))
+        if self.max_metadata_bytes < 256:
+            out.append(("max_metadata_bytes", f"max_metadata_bytes must be at least 256, got {self.max_metadata_bytes}"))
+        if self.max_services < 1:
+            out.append(("max_services", f"max_services must be >= 1, got {self.max_services}"))
+        if self.token is None and not self.insecure and not is_loopback(self.bind):
+            out.append(("bind", f"the registry would listen on {self.bind or '0.0.0.0'} with no token: anyone who "
+                                "can reach it could register, overwrite or delete services and so take over "
+                                "traffic. Set token = \"...\" (and the same token in every babysitter and "
+                                "router), or bind to a loopback address, or say insecure = true"))
         return out
+
+
+def is_loopback(bind: str) -> bool:
+    """True for loopback addresses and "localhost"; a wildcard or any other address is not."""
+    host = bind.strip().strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

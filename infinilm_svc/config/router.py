@@ -23,6 +23,8 @@ class RouterConfig:
     policy: str = "round_robin"
     model_policies: Mapping[str, str] = field(default_factory=dict)  # per-model override
     api_keys: tuple[str, ...] = ()          # when set, clients need `Authorization: Bearer <key>`
+    admin_keys: tuple[str, ...] = ()        # for /services, /stats, /metrics; when empty, any api_key opens them
+    public_metrics: bool = False            # leave /metrics open (for a scraper) even when keys are set
     backend_api_key: str | None = None      # Authorization sent to backends (client's is never forwarded)
     backend_api_keys: Mapping[str, str] = field(default_factory=dict)  # per backend name, overrides backend_api_key
     max_body: int = 32 * 1024 * 1024        # bytes; long prompts are big
@@ -96,6 +98,9 @@ class RouterConfig:
             out.append(("session_load_factor", f"session_load_factor must be >= 1, got {self.session_load_factor}"))
         if self.max_body < 1024:
             out.append(("max_body", f"max_body must be at least 1024 bytes, got {self.max_body}"))
+        for name in ("api_keys", "admin_keys"):
+            if any(not k.strip() for k in getattr(self, name)):
+                out.append((name, f"{name} must not hold an empty key"))
         if not self.registry_url and not self.static_services:
             out.append(("registry_url", "a router needs registry_url or static_services (or both)"))
         return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -16,8 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import ApiError, error_response, read_json_object
+from ..errors import ApiError, error_response, expect_continue, read_json_object
 from .options import MockOptions
+
+log = logging.getLogger(__name__)
 
 OPTIONS = web.AppKey("mock_options", MockOptions)
 
@@ -123,6 +126,12 @@ async def mock_middleware(request: web.Request, handler):
             raise
         msg = "no such endpoint" if status == 404 else (exc.reason or "error")
         return error_response(status, msg)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug must still answer with the envelope
+        status = 500
+        log.exception("mock %s: unhandled error on %s %s", opts.name, request.method, request.path)
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
     finally:
         _log_line(request, status)
 
@@ -338,8 +347,8 @@ def create_app(options: MockOptions) -> web.Application:
     r = app.router
     for prefix in ("/v1", ""):
         r.add_get(f"{prefix}/models", list_models)
-        r.add_post(f"{prefix}/chat/completions", chat_completions)
-        r.add_post(f"{prefix}/completions", completions)
-        r.add_post(f"{prefix}/embeddings", embeddings)
+        r.add_post(f"{prefix}/chat/completions", chat_completions, expect_handler=expect_continue)
+        r.add_post(f"{prefix}/completions", completions, expect_handler=expect_continue)
+        r.add_post(f"{prefix}/embeddings", embeddings, expect_handler=expect_continue)
     r.add_get("/health", health)
     return app

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
@@ -13,11 +12,14 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
+from ..auth import KeyRing
+from ..background import TaskSupervisor
 from ..config import RegistryConfig
-from ..errors import ApiError, error_middleware, read_json_object
+from ..errors import ApiError, error_middleware, expect_continue, read_json_object
 from .metrics import make_metrics, render
 from .stores import Store, make_store
 from .table import ServiceTable, format_url, rfc3339
+from .validation import WILDCARD_HOSTS, check_fields, check_heartbeat, check_metadata_size
 
 log = logging.getLogger(__name__)
 
@@ -27,51 +29,13 @@ STORE = web.AppKey("store", Store)              # the write side: memory or etcd
 STARTED = web.AppKey("started", float)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", CollectorRegistry)
+TASKS = web.AppKey("tasks", TaskSupervisor)
+KEYS = web.AppKey("keys", KeyRing)
 
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 _WAIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
 
 # -- input checking ----------------------------------------------------------------------------
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name.strip():
-        raise ApiError(400, "field 'name' must be a non-empty string", code="invalid_field")
-    if "/" in name:
-        raise ApiError(400, f"field 'name' must not contain '/': {name!r}", code="invalid_field")
-    if len(name) > 253:
-        raise ApiError(400, "field 'name' is longer than 253 characters", code="invalid_field")
-    return name
-
-
-def _check_fields(body: dict, *, partial: bool) -> dict:
-    """Validate register (partial=False) or PUT (partial=True) fields; raise 400 naming the field."""
-    out: dict[str, Any] = {}
-    if not partial:
-        for req in ("name", "host", "port"):
-            if req not in body:
-                raise ApiError(400, f"missing required field: {req}", code="missing_field")
-        out["name"] = _check_name(body["name"])
-    for key in ("host", "hostname", "url", "status"):
-        if key in body:
-            if not isinstance(body[key], str):
-                raise ApiError(400, f"field '{key}' must be a string", code="invalid_field")
-            out[key] = body[key]
-    if "port" in body:
-        port = body["port"]
-        if not isinstance(port, int) or isinstance(port, bool):
-            raise ApiError(400, "field 'port' must be an integer", code="invalid_field")
-        if not 1 <= port <= 65535:
-            raise ApiError(400, f"field 'port' must be between 1 and 65535, got {port}", code="invalid_field")
-        out["port"] = port
-    if "metadata" in body and body["metadata"] is not None:
-        if not isinstance(body["metadata"], dict):
-            raise ApiError(400, "field 'metadata' must be an object", code="invalid_field")
-        out["metadata"] = body["metadata"]
-    if "status" in out and not out["status"].strip():
-        raise ApiError(400, "field 'status' must not be empty", code="invalid_field")
-    return out
-
-
 def _resolve_host(fields: dict, request: web.Request, current: dict | None = None) -> None:
     """A wildcard or empty host means "the address this registration came from"."""
     if "host" not in fields:
@@ -87,12 +51,7 @@ def _resolve_host(fields: dict, request: web.Request, current: dict | None = Non
 
 
 def _require_token(request: web.Request) -> None:
-    token = request.app[CONFIG].token
-    if token is None:
-        return
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    if not given or not hmac.compare_digest(given.encode(), token.encode()):
+    if not request.app[KEYS].allows(request.headers.get("Authorization")):
         raise ApiError(401, "this registry needs 'Authorization: Bearer <token>' for writes",
                        code="invalid_token", headers={"WWW-Authenticate": 'Bearer realm="infinilm-registry"'})
 
@@ -113,13 +72,16 @@ def _json(data: Any, status: int = 200, index: int | None = None) -> web.Respons
 # -- handlers ----------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     table, store = request.app[TABLE], request.app[STORE]
+    tasks = request.app[TASKS]
     return _json({
-        "status": "degraded" if store.stale else "healthy",
+        "status": "degraded" if store.stale or tasks.degraded else "healthy",
         "registry": "running",
+        "tasks": tasks.report(),
         "registered_services": len(table.records),
         "healthy_services": table.healthy_count(),
         "index": table.index,
         **store.describe(),
+        "heartbeat_ttl": request.app[CONFIG].heartbeat_ttl,
         "timestamp": rfc3339(),
     }, index=table.index)
 
@@ -145,13 +107,18 @@ async def list_services(request: web.Request) -> web.Response:
 
 async def register_service(request: web.Request) -> web.Response:
     _require_token(request)
-    fields = _check_fields(await read_json_object(request), partial=False)
+    cfg = request.app[CONFIG]
+    fields = check_fields(await read_json_object(request), partial=False, max_metadata=cfg.max_metadata_bytes)
     _resolve_host(fields, request)
+    table = request.app[TABLE]
+    if fields["name"] not in table.records and len(table.records) >= cfg.max_services:
+        raise ApiError(429, f"the registry holds {len(table.records)} services, its limit (max_services)",
+                       code="too_many_services")
     rec = await request.app[STORE].register(fields)
     log.info("registered %s at %s (%s)", rec["name"], rec["url"], rec["metadata"].get("type", "?"))
-    table = request.app[TABLE]
     return _json({"message": f"Service '{rec['name']}' registered successfully",
-                  "service": table.view(rec, table.clock())}, status=201, index=table.index)
+                  "service": table.view(rec, table.clock()), "heartbeat_ttl": cfg.heartbeat_ttl},
+                 status=201, index=table.index)
 
 
 def _lookup(request: web.Request) -> tuple[str, dict]:
@@ -171,7 +138,8 @@ async def get_service(request: web.Request) -> web.Response:
 async def update_service(request: web.Request) -> web.Response:
     _require_token(request)
     name, current = _lookup(request)
-    fields = _check_fields(await read_json_object(request), partial=True)
+    fields = check_fields(await read_json_object(request), partial=True,
+                          max_metadata=request.app[CONFIG].max_metadata_bytes)
     _resolve_host(fields, request, current)
     table = request.app[TABLE]
     rec = await request.app[STORE].update(name, fields)
@@ -192,25 +160,23 @@ async def delete_service(request: web.Request) -> web.Response:
 
 
 async def heartbeat(request: web.Request) -> web.Response:
+    """Refresh a record; the answer carries the record as held, so its owner can see a hijack."""
     _require_token(request)
-    name, _ = _lookup(request)
+    name, rec = _lookup(request)
+    cfg = request.app[CONFIG]
     status = metadata = None
     if request.can_read_body:
         raw = await request.read()
         if raw.strip():
-            body = await read_json_object(request)
-            if "status" in body:
-                if not isinstance(body["status"], str) or not body["status"].strip():
-                    raise ApiError(400, "field 'status' must be a non-empty string", code="invalid_field")
-                status = body["status"]
-            if "metadata" in body and body["metadata"] is not None:
-                if not isinstance(body["metadata"], dict):
-                    raise ApiError(400, "field 'metadata' must be an object", code="invalid_field")
-                metadata = body["metadata"]
+            status, metadata = check_heartbeat(await read_json_object(request))
+            if metadata:
+                check_metadata_size({**rec["metadata"], **metadata}, cfg.max_metadata_bytes)
     table = request.app[TABLE]
-    if await request.app[STORE].heartbeat(name, status, metadata) is None:
+    rec = await request.app[STORE].heartbeat(name, status, metadata)
+    if rec is None:
         raise ApiError(404, f"Service '{name}' not found", code="service_not_found")
-    return _json({"message": "Heartbeat received", "timestamp": rfc3339()}, index=table.index)
+    return _json({"message": "Heartbeat received", "timestamp": rfc3339(), "heartbeat_ttl": cfg.heartbeat_ttl,
+                  "service": table.view(rec, table.clock())}, index=table.index)
 
 
 def _check_url(rec: dict) -> str:
@@ -234,8 +200,8 @@ async def service_health(request: web.Request) -> web.Response:
     ok = await _probe(app[SESSION], rec, app[CONFIG].probe_timeout)
     rec = app[TABLE].records.get(name, rec)
     rec["health_status"] = "healthy" if ok else "unhealthy"
-    if ok and name in app[TABLE].records:
-        await app[STORE].heartbeat(name)  # upstream: a successful live probe counts as a heartbeat
+    # Upstream counted a successful probe as a heartbeat; a read must not write (anyone could keep
+    # a dead record alive by asking about it), so only the informational health_status changes.
     table = app[TABLE]
     return _json({"service": name, "health_status": rec["health_status"],
                   "is_healthy": table.is_healthy(rec, table.clock()),
@@ -288,13 +254,11 @@ async def _background(app: web.Application):
     except BaseException:
         await app[SESSION].close()
         raise
-    tasks = []
+    tasks = app[TASKS]
     if cfg.probe_interval > 0:
-        tasks.append(asyncio.create_task(_probe_loop(app), name="registry-probe"))
+        tasks.spawn("probe", lambda: _probe_loop(app))
     yield
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await tasks.close()
     await app[STORE].close()
     await app[SESSION].close()
 
@@ -307,15 +271,17 @@ def create_app(config: RegistryConfig) -> web.Application:
     app[TABLE] = app[STORE].table
     app[STARTED] = time.time()
     app[METRICS] = make_metrics(app[TABLE])
+    app[TASKS] = TaskSupervisor("registry")
+    app[KEYS] = KeyRing([config.token] if config.token else [])
     app.cleanup_ctx.append(_background)
     r = app.router
     r.add_get("/health", health)
     r.add_get("/services", list_services)
-    r.add_post("/services", register_service)
+    r.add_post("/services", register_service, expect_handler=expect_continue)
     r.add_get("/services/{name}", get_service)
-    r.add_put("/services/{name}", update_service)
+    r.add_put("/services/{name}", update_service, expect_handler=expect_continue)
     r.add_delete("/services/{name}", delete_service)
-    r.add_post("/services/{name}/heartbeat", heartbeat)
+    r.add_post("/services/{name}/heartbeat", heartbeat, expect_handler=expect_continue)
     r.add_get("/services/{name}/health", service_health)
     r.add_get("/stats", stats)
     r.add_get("/metrics", metrics)

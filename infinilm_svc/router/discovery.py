@@ -43,6 +43,35 @@ def load_static_services(path: str) -> list[dict]:
     return out
 
 
+def unusable(rec: dict, meta: dict) -> str | None:
+    """Why a registry record of type openai-api cannot be routed to, or None when it can."""
+    url = rec.get("url")
+    if url is not None:
+        if not isinstance(url, str):
+            return "url is not a string"
+        try:
+            u = urlparse(url)
+            port = u.port
+        except ValueError as exc:
+            return f"url {url[:80]!r} is not valid ({exc})"
+        if u.scheme not in ("http", "https") or not u.hostname:
+            return f"url {url[:80]!r} is not an http(s) URL with a host"
+        if port is not None and not 1 <= port <= 65535:
+            return f"url {url[:80]!r} has a port outside 1..65535"
+    port = rec.get("port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        return f"port {port!r} is not a port number"
+    if url is None and not isinstance(rec.get("host"), (str, type(None))):
+        return "host is not a string"
+    models = meta.get("models")
+    if models is not None and not isinstance(models, list):
+        return f"metadata.models is {type(models).__name__}, not a list"
+    ml = meta.get("models_list")
+    if ml is not None and not isinstance(ml, list):
+        return f"metadata.models_list is {type(ml).__name__}, not a list"
+    return None
+
+
 def _routing_view(b: Backend) -> tuple:
     """What routing depends on: a change here rebuilds the candidate lists."""
     return (b.url, b.models, len(b.models_list), b.weight, b.cache_type, b.registry_healthy,
@@ -61,28 +90,45 @@ class Discovery:
         # heartbeat, and dropping them meanwhile would fail every request for their models.
         self.grace_until = 0.0
         self.graced: set[str] = set()
+        self.skipped: dict[str, str] = {}   # record name -> why it is not used (logged once per reason)
 
     def apply(self, records: list[dict], static: bool = False) -> None:
-        """Merge records into the table; registry backends not in `records` are removed."""
+        """Merge records into the table; registry backends not in `records` are removed.
+
+        A record this router cannot use is skipped with one warning (again only if the reason
+        changes) and the rest are applied: one bad record must not stop discovery.
+        """
         t = self.table
         seen = set()
         changed = False
+        skipped: dict[str, str] = {}
         for rec in records:
-            meta = rec.get("metadata") or {}
+            meta = rec.get("metadata") if isinstance(rec, dict) else None
             if not isinstance(meta, dict) or meta.get("type") != "openai-api":
                 continue
             name = str(rec.get("name"))
+            why = unusable(rec, meta)
+            if why is None:
+                b = t.backends.get(name) or Backend(name)
+                before = _routing_view(b)
+                try:
+                    self._update(b, rec, meta, static)
+                except Exception as exc:  # noqa: BLE001 - whatever a record holds, skip it, keep the rest
+                    why = f"{type(exc).__name__}: {exc}"
+            if why is not None:
+                skipped[name] = why
+                if self.skipped.get(name) != why:
+                    log.warning("backend %s: record skipped, it cannot be routed to: %s", name, why)
+                continue  # not routed to: a backend we had is removed below, like one whose record went
             seen.add(name)
-            b = t.backends.get(name)
-            if b is None:
-                b = t.backends[name] = Backend(name)
+            if name not in t.backends:
+                t.backends[name] = b
                 changed = True
-                log.info("backend %s: added (%s)", name, rec.get("url") or rec.get("host"))
-            before = _routing_view(b)
-            self._update(b, rec, meta, static)
-            if _routing_view(b) != before:
+                log.info("backend %s: added (%s)", name, b.url)
+            elif _routing_view(b) != before:
                 changed = True
         if not static:
+            self.skipped = skipped
             missing = [n for n, b in t.backends.items() if not b.static and n not in seen]
             if missing and asyncio.get_running_loop().time() < self.grace_until:
                 new = set(missing) - self.graced
@@ -212,6 +258,7 @@ async def keep_registered(client: RegistryClient, record: dict, interval: float)
     """Register, then heartbeat every `interval`; re-register when the registry forgot us."""
     registered = False
     meta = record["metadata"]
+    refused: str | None = None  # the last refusal, said once (a 400 or 401 does not fix itself)
     while True:
         try:
             if not registered:
@@ -221,12 +268,18 @@ async def keep_registered(client: RegistryClient, record: dict, interval: float)
                     meta["url"] = stored["url"]          # the address the registry saw us at
                     await client.heartbeat(record["name"], status="running", metadata={"url": meta["url"]})
                 log.info("registered as %s in the registry (%s)", record["name"], meta.get("url"))
+                refused = None
             elif not await client.heartbeat(record["name"], status="running"):
                 registered = False
                 continue
         except asyncio.CancelledError:
             raise
-        except (RegistryUnavailable, RegistryRejected) as exc:
+        except RegistryRejected as exc:
+            registered = False
+            if str(exc) != refused:
+                log.warning("the registry refuses this router's record %s: %s", record["name"], exc)
+            refused = str(exc)
+        except RegistryUnavailable as exc:
             registered = False
             log.debug("router self-registration: %s", exc)
         await asyncio.sleep(interval)

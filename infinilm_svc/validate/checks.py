@@ -252,7 +252,8 @@ async def _read_logs(run: Run, backend: str) -> tuple[list[str] | None, str | No
     if url is None:
         return None, f"no babysitter URL for {backend} in the registry"
     try:
-        status, body = await request_json(run, "GET", f"{url}/logs?tail={run.options.log_tail}")
+        headers = {"Authorization": f"Bearer {run.options.token}"} if run.options.token else None
+        status, body = await request_json(run, "GET", f"{url}/logs?tail={run.options.log_tail}", headers=headers)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         return None, f"cannot read {backend}'s log at {url}/logs: {type(exc).__name__}: {exc}"
     if status != 200 or not isinstance(body, dict) or not isinstance(body.get("lines"), list):

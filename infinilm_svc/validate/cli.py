@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take to appear in its backend's log (default 5)")
     p.add_argument("--chaos", action="store_true", help="also stop one backend through its babysitter, check nothing fails, start it again")
     p.add_argument("--chaos-service", help="the babysitter to stop with --chaos (default: the last one with a peer)")
-    p.add_argument("--token", help="babysitter token for POST /stop and /start")
+    p.add_argument("--token", help="babysitter token for GET /logs and POST /stop and /start")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request (default 10)")
     p.add_argument("--wait", type=float, default=0.0, help="first wait up to this many seconds for every expected record to be healthy")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")

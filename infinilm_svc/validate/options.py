@@ -50,7 +50,7 @@ class ValidateOptions:
     chaos: bool = False
     chaos_service: str | None = None          # default: the last expected service that has a peer
     chaos_timeout: float = 30.0
-    token: str | None = None                  # babysitter token for POST /stop and /start
+    token: str | None = None                  # babysitter token for GET /logs and POST /stop and /start
     timeout: float = 10.0                     # per HTTP request
     wait: float = 0.0                         # wait up to this long for discovery before checking
 
