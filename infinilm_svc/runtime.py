@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import Callable
 
 from aiohttp import web
 
@@ -49,8 +50,12 @@ async def start_app(hosted: HostedApp) -> web.AppRunner:
     return runner
 
 
-async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None) -> int:
-    """Start every app in order, wait for a stop signal, then shut them down in reverse order."""
+async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None,
+                on_listening: Callable[[], None] | None = None) -> int:
+    """Start every app in order, wait for a stop signal, then shut them down in reverse order.
+
+    `on_listening` runs once every app listens (so a "serving on ..." line is never a promise).
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     signals_seen = 0
@@ -81,6 +86,8 @@ async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None) -> int
     try:
         for hosted in apps:
             runners.append(await start_app(hosted))
+        if on_listening is not None:
+            on_listening()
         await stop.wait()
     except StartupError as exc:
         log.error("%s", exc)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import time
@@ -15,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware
 from ..runtime import FORCE_EXIT_HOOKS
+from ..wire import dumps, json_response
 from .logbook import LogBook, LogLine, RotatingLogFile
 from .metrics import make_metrics
 from .registration import Registration
@@ -78,12 +78,12 @@ def _health_body(request: web.Request) -> dict:
 
 async def health(request: web.Request) -> web.Response:
     body = _health_body(request)
-    return web.json_response(body, status=200 if body["infinilm_server_running"] else 503)
+    return json_response(body, status=200 if body["infinilm_server_running"] else 503)
 
 
 async def info(request: web.Request) -> web.Response:
     config, sup = request.app[CONFIG], request.app[SUPERVISOR]
-    return web.json_response({
+    return json_response({
         "name": config.service_name, "host": config.host, "port": config.api_port,
         "url": f"http://{config.host}:{config.api_port}", "service_type": config.backend.type,
         "infinilm_server_port": config.port if sup.state == RUNNING else None,
@@ -97,7 +97,7 @@ async def status(request: web.Request) -> web.Response:
     reg = request.app.get(REGISTRATION)
     body["registry"] = None if reg is None else {
         "url": reg.client.url, "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error}
-    return web.json_response(body)
+    return json_response(body)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -106,9 +106,9 @@ async def models(request: web.Request) -> web.Response:
     for path in ("/v1/models", "/models"):
         body = await sup.get_json(path)
         if body is not None:
-            return web.json_response(body)
+            return json_response(body)
     if sup.config.backend.health_path and sup.models_list and sup.state == RUNNING:
-        return web.json_response({"object": "list", "data": sup.models_list})
+        return json_response({"object": "list", "data": sup.models_list})
     raise ApiError(503, f"backend is {sup.state} and does not answer its model list", "server_error",
                    code="backend_unavailable")
 
@@ -129,7 +129,7 @@ async def _command(request: web.Request, what: str) -> web.Response:
     sup.logbook.marker(f"{what} requested over HTTP")
     getattr(sup, f"request_{what}")()
     await asyncio.sleep(0)  # let the supervisor take the request before answering
-    return web.json_response({"message": f"{what} requested", "name": sup.config.service_name,
+    return json_response({"message": f"{what} requested", "name": sup.config.service_name,
                               "state": sup.state}, status=202)
 
 
@@ -159,7 +159,7 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
 
 
 def _sse(entry: LogLine) -> bytes:
-    return b"data: " + json.dumps(entry.as_dict()).encode() + b"\n\n"
+    return b"data: " + dumps(entry.as_dict()).encode() + b"\n\n"
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
@@ -167,7 +167,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
     if not follow:
         tail = _int_param(request, "tail", 100)
-        return web.json_response({"name": book.name, "lines": [e.as_dict() for e in book.tail(tail)]})
+        return json_response({"name": book.name, "lines": [e.as_dict() for e in book.tail(tail)]})
     tail = _int_param(request, "tail", 0)
     lines, queue = book.follow(tail)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

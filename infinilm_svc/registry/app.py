@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from ..config import RegistryConfig
 from ..errors import ApiError, error_middleware, read_json_object
+from ..wire import json_response
 from .metrics import make_metrics, render
 from .store import StateWriter, load_state
 from .table import ServiceTable, format_url, rfc3339
@@ -106,7 +107,7 @@ def _parse_wait(raw: str, cap: float) -> float:
 
 def _json(data: Any, status: int = 200, index: int | None = None) -> web.Response:
     headers = {"X-Registry-Index": str(index)} if index is not None else None
-    return web.json_response(data, status=status, headers=headers)
+    return json_response(data, status=status, headers=headers)
 
 
 # -- handlers ----------------------------------------------------------------------------------

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import shutil
 import sys
 import textwrap
 from dataclasses import asdict
 
+from ..wire import dumps
 from .checks import run_checks
 from .options import CheckResult, ExpectedService, ValidateOptions
 
@@ -110,7 +110,7 @@ async def _run_cli(options: ValidateOptions, as_json: bool) -> int:
             print(format_row(result, width), flush=True)
     if as_json:
         passed = sum(r.passed for r in results)
-        print(json.dumps({"registry": options.registry, "checks": [asdict(r) for r in results],
+        print(dumps({"registry": options.registry, "checks": [asdict(r) for r in results],
                           "passed": passed, "failed": len(results) - passed}, indent=2))
     else:
         print(summary_line(results))
