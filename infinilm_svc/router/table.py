@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any, Callable
 
 from .stats import Counters
+from ..wire import dumps
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -17,7 +17,8 @@ class Backend:
     __slots__ = ("name", "host", "port", "url", "babysitter_url", "models", "models_list", "metadata",
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
-                 "opened_at", "trial", "routable", "stats", "auth_headers", "waiters", "reopen")
+                 "opened_at", "trial", "routable", "stats", "auth_headers", "waiters", "reopen", "reopen_at",
+                 "incarnation")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -47,18 +48,28 @@ class Backend:
         self.auth_headers: dict[str, str] = {}
         self.waiters: list[asyncio.Future] = []
         self.reopen: asyncio.TimerHandle | None = None
+        self.reopen_at = 0.0             # monotonic time the open circuit goes half-open
+        self.incarnation: tuple | None = None   # (pid, restarts, started_at) from the registry record
 
     @property
     def available(self) -> bool:
         """May take a request now (false only while a half-open trial is running)."""
         return not self.trial
 
+    def circuit_retry_in(self) -> float | None:
+        """Seconds until an open circuit lets a trial request through (None unless open)."""
+        if self.circuit != OPEN:
+            return None
+        return round(max(0.0, self.reopen_at - time.monotonic()), 1)
+
     def to_json(self) -> dict[str, Any]:
         out = {
             "name": self.name, "host": self.host, "port": self.port, "url": self.url,
             "babysitter_url": self.babysitter_url, "healthy": self.routable, "state": self.state,
             "registry_healthy": self.registry_healthy, "active_healthy": self.active_ok,
-            "circuit": self.circuit, "response_time": self.response_time, "last_check": self.last_check,
+            "circuit": self.circuit, "circuit_retry_in": self.circuit_retry_in(),
+            "response_time": self.response_time, "last_check": self.last_check,
+            "active_fail_streak": self.fail_streak,
             "weight": self.weight, "models": list(self.models), "metadata": self.metadata,
         }
         out.update(self.stats.to_json())
@@ -153,7 +164,7 @@ class Table:
         data = [dict(seen_models[k]) for k in sorted(seen_models)]
         for obj in data:
             obj.setdefault("object", "model")
-        self.models_body = json.dumps({"object": "list", "data": data}).encode()
+        self.models_body = dumps({"object": "list", "data": data}).encode()
         self.version += 1
 
     def _group(self, model: str, pool: str | None) -> Group:
