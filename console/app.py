@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
 from textual.timer import Timer
 
-from .data import ActionFailed, ServiceRow, Snapshot, backend_target
+from .data import GONE_STATES, ActionFailed, ServiceRow, Snapshot, backend_target
 from .status import Status
 
 INTERVALS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -42,6 +42,7 @@ class ConsoleApp(App):
         self.paused = False
         self.failures = 0
         self.last_ok: float | None = None
+        self.published_at: float | None = None   # monotonic time the shown snapshot arrived
         self._timer: Timer | None = None
         self.polls = 0
         self.set_reactive(ConsoleApp.status, Status(registry=source.registry_url, interval=interval))
@@ -51,6 +52,18 @@ class ConsoleApp(App):
         if kind == "muted":
             return ""
         return self.theme_variables.get(kind, "")
+
+    def cell_colour(self) -> Callable[[str], str]:
+        """Colours for table cells: stale data loses its green (nothing is known to be fine now)."""
+        if not self.stale:
+            return self.colour
+        return lambda kind: "" if kind == "success" else self.colour(kind)
+
+    def data_age(self) -> float:
+        """Whole seconds since the shown snapshot was taken (ages tick in whole seconds between polls)."""
+        if self.published_at is None:
+            return 0.0
+        return float(int(time.monotonic() - self.published_at))
 
     def on_mount(self) -> None:
         from .services import ServicesScreen
@@ -99,10 +112,11 @@ class ConsoleApp(App):
     def publish(self, snap: Snapshot) -> None:
         """Show a snapshot as the current, fresh data (tests feed fixed snapshots through here)."""
         self.stale = False
+        self.published_at = time.monotonic()
         self.snapshot = snap
         self.status = replace(self.status, connected=True, error="", failures=0, retry_in=0.0, stale_for=None,
-                              services=len(snap.services),
-                              routers=sum(1 for s in snap.services if s.role == "router"),
+                              services=snap.registered,
+                              routers=sum(1 for s in snap.services if s.role == "router" and s.state not in GONE_STATES),
                               router_errors=len(snap.router_errors))
 
     def poll_soon(self) -> None:

@@ -13,8 +13,10 @@ import aiohttp
 from infinilm_svc.client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 
 HISTORY = 60            # points kept per backend for the sparklines
-EXPIRED_LINGER = 30.0   # seconds a vanished record stays on screen marked "expired"
+EXPIRED_LINGER = 30.0   # seconds a vanished record stays on screen marked "gone" or "expired"
+LOST_MEMORY = 300.0     # seconds the models view remembers a backend that left
 STATS_TIMEOUT = 3.0
+NO_MODEL = "(none)"      # the routers' counter for requests that named no model: not a model
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,35 @@ class Latency:
     p50: float | None = None
     p90: float | None = None
     p99: float | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Whether the routers can send requests to a backend and, if not, why (from their /stats)."""
+
+    routers: int                  # routers that answered
+    routable: int                 # of them, how many would route to it now
+    reason: str = ""              # why not, as the first router that refuses says it
+    retry_in: float | None = None  # seconds until an open circuit lets a trial request through
+
+    @property
+    def ok(self) -> bool:
+        return self.routers > 0 and self.routable == self.routers
+
+
+def route_reason(entry: dict) -> tuple[str, float | None]:
+    """Why one router will not route to a backend, from its /stats entry (empty when it will)."""
+    if entry.get("healthy"):
+        return "", None
+    if entry.get("registry_healthy") is False:
+        return f"registry: {entry.get('state') or 'not running'}", None
+    if entry.get("active_healthy") is False:
+        return "health check failing", None
+    if entry.get("circuit") == "open":
+        return "circuit open", _float(entry.get("circuit_retry_in"))
+    if entry.get("circuit") == "half_open":
+        return "circuit half-open", None
+    return "not routable", None
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,7 @@ class ServiceRow:
     errors: int | None = None
     in_flight: int | None = None
     latency: Latency = Latency()
+    route: Route | None = None    # what the routers make of a backend (None: not a backend, or no router answered)
     metadata: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -68,12 +100,13 @@ class ModelRow:
     """One model: where it runs and how busy it is."""
 
     name: str
-    backends: tuple[str, ...]
-    healthy: int
-    requests: int | None = None
+    backends: tuple[str, ...]     # registered backends serving it
+    healthy: int                  # of them, running and routable
+    requests: int | None = None   # summed over its backends, so ERRS agrees with the services view
     errors: int | None = None
-    rate: float | None = None     # requests per second, summed over routers
-    latency: Latency = Latency()
+    rate: float | None = None     # requests per second
+    latency: Latency = Latency()  # the routers' per-model percentiles
+    lost: tuple[str, ...] = ()    # backends that served it and left the registry recently
 
 
 @dataclass(frozen=True)
@@ -95,6 +128,11 @@ class Snapshot:
     routers_answered: int = 0
     router_errors: tuple[str, ...] = ()
     history: dict[str, tuple[Point, ...]] = field(default_factory=dict, compare=False)
+
+    @property
+    def registered(self) -> int:
+        """Services the registry holds now (rows of vanished records not counted)."""
+        return sum(1 for s in self.services if s.state not in GONE_STATES)
 
     def service(self, name: str) -> ServiceRow | None:
         for s in self.services:
@@ -180,6 +218,16 @@ def row_from_record(record: dict, now: float, stale_after: float) -> ServiceRow:
         pid=_int(meta.get("pid")), started_at=_float(meta.get("started_at")), metadata=dict(meta))
 
 
+GONE_STATES = ("gone", "expired")   # rows of records the registry no longer holds
+
+
+def vanished_row(row: ServiceRow) -> ServiceRow:
+    """How a record the registry dropped is shown: deregistered (`gone`) or `expired`."""
+    if row.state == "stale" or not row.healthy and row.state == "running":
+        return replace(row, state="expired", healthy=False, in_flight=None, route=None)
+    return replace(row, state="gone", healthy=False, in_flight=None, heartbeat_age=None, route=None)
+
+
 @dataclass
 class _Sum:
     requests: int = 0
@@ -227,6 +275,7 @@ class Poller:
         self._last: dict[str, ServiceRow] = {}
         self._prev_counts: dict[str, tuple[float, int]] = {}    # backend or "model:M" -> (ts, requests)
         self._history: dict[str, deque] = {}
+        self._lost: dict[str, tuple[tuple[str, ...], float]] = {}  # backend -> (its models, left at)
 
     async def _router_stats(self, url: str) -> dict:
         timeout = aiohttp.ClientTimeout(total=STATS_TIMEOUT)
@@ -260,6 +309,7 @@ class Poller:
         results = await asyncio.gather(*(self._router_stats(u) for u in urls), return_exceptions=True)
         per_backend: dict[str, _Sum] = {}
         per_model: dict[str, _Sum] = {}
+        verdicts: dict[str, list[dict]] = {}
         errors: list[str] = []
         answered = 0
         for url, res in zip(urls, results):
@@ -270,8 +320,9 @@ class Poller:
             for s in res.get("services") or []:
                 if isinstance(s, dict) and s.get("name"):
                     per_backend.setdefault(str(s["name"]), _Sum()).add(s)
+                    verdicts.setdefault(str(s["name"]), []).append(s)
             for m, s in (res.get("models") or {}).items():
-                if isinstance(s, dict):
+                if isinstance(s, dict) and m != NO_MODEL:
                     per_model.setdefault(str(m), _Sum()).add(s)
         joined = []
         for r in rows:
@@ -279,6 +330,8 @@ class Poller:
             if agg is not None:
                 r = replace(r, requests=agg.requests, errors=agg.errors, in_flight=agg.in_flight,
                             latency=agg.latency())
+            if r.role == "backend" and answered:
+                r = replace(r, route=backend_route(verdicts.get(r.name, []), answered))
             joined.append(r)
         # A babysitter row shows its backend's restarts and models when it does not carry them.
         by_name = {r.name: r for r in joined}
@@ -286,12 +339,13 @@ class Poller:
             b = by_name.get(r.backend or "") if r.role == "babysitter" else None
             if b is not None:
                 joined[i] = replace(r, restarts=r.restarts if r.restarts is not None else b.restarts,
-                                    models=r.models or b.models)
-        # Records that vanished stay a while, marked expired, so an operator sees what went away.
+                                    models=r.models or b.models, route=b.route)
+        # Records that vanished stay a while, so an operator sees what went away: `gone` when the
+        # service was fresh when last seen (it deregistered), `expired` when its heartbeat had lapsed.
         present = {r.name for r in joined}
         for name, row in self._last.items():
             if name not in present and name not in self._gone:
-                self._gone[name] = (replace(row, state="expired", healthy=False, in_flight=None), now)
+                self._gone[name] = (vanished_row(row), now)
         for name in list(self._gone):
             if name in present or now - self._gone[name][1] > EXPIRED_LINGER:
                 del self._gone[name]
@@ -308,29 +362,64 @@ class Poller:
                 h.append(Point(now, rate or 0.0, r.latency.p50 or 0.0))
             if r.name in self._history:
                 history[r.name] = tuple(self._history[r.name])
-        models = build_models(joined, per_model, lambda m, c: self._rate("model:" + m, now, c))
+        for name, (row, _) in self._gone.items():
+            if row.role == "backend":
+                self._lost[name] = (row.models, now)
+        for name in list(self._lost):
+            if name in present or now - self._lost[name][1] > LOST_MEMORY:
+                del self._lost[name]
+        lost: dict[str, list[str]] = {}
+        for name, (models_of, _) in sorted(self._lost.items()):
+            for m in models_of:
+                lost.setdefault(m, []).append(name)
+        models = build_models(joined, per_model, lambda m, c: self._rate("model:" + m, now, c), lost)
         return Snapshot(taken_at=now, services=tuple(sorted(shown, key=lambda r: (r.role, r.name))),
                         models=models, routers_answered=answered, router_errors=tuple(errors),
                         history=history)
 
 
+def backend_route(entries: list[dict], routers: int) -> Route:
+    """One backend's routability over every router that answered (`entries`: their /stats rows for it)."""
+    if not entries:
+        return Route(routers, 0, "not in the routers' table")
+    ok = 0
+    reason, retry_in = "", None
+    for e in entries:
+        why, retry = route_reason(e)
+        if not why:
+            ok += 1
+        elif not reason:
+            reason, retry_in = why, retry
+    missing = routers - len(entries)
+    if missing and not reason:
+        reason = "not in every router's table"
+    return Route(routers, ok, reason, retry_in)
+
+
 def build_models(rows: list[ServiceRow], per_model: dict[str, "_Sum"],
-                 rate: Callable[[str, int | None], float | None]) -> tuple[ModelRow, ...]:
-    """One ModelRow per model any backend serves (or any router counted)."""
+                 rate: Callable[[str, int | None], float | None],
+                 lost: dict[str, list[str]] | None = None) -> tuple[ModelRow, ...]:
+    """One ModelRow per model a backend serves, a router counted, or a backend that left served."""
+    lost = lost or {}
     backends: dict[str, list[ServiceRow]] = {}
     for r in rows:
         if r.role == "backend":
             for m in r.models:
                 backends.setdefault(m, []).append(r)
     out = []
-    for m in sorted(set(backends) | set(per_model)):
+    for m in sorted(set(backends) | set(per_model) | set(lost)):
         bs = backends.get(m, [])
         agg = per_model.get(m)
-        reqs = agg.requests if agg else None
-        out.append(ModelRow(name=m, backends=tuple(b.name for b in bs),
-                            healthy=sum(1 for b in bs if b.healthy and b.state == "running"),
-                            requests=reqs, errors=agg.errors if agg else None, rate=rate(m, reqs),
-                            latency=agg.latency() if agg else Latency()))
+        counted = [b for b in bs if b.requests is not None]
+        if counted:
+            reqs: int | None = sum(b.requests or 0 for b in counted)
+            errs: int | None = sum(b.errors or 0 for b in counted)
+        else:
+            reqs, errs = (agg.requests, agg.errors) if agg else (None, None)
+        healthy = sum(1 for b in bs if b.healthy and b.state == "running" and (b.route is None or b.route.ok))
+        out.append(ModelRow(name=m, backends=tuple(b.name for b in bs), healthy=healthy,
+                            requests=reqs, errors=errs, rate=rate(m, reqs),
+                            latency=agg.latency() if agg else Latency(), lost=tuple(lost.get(m, ()))))
     return tuple(out)
 
 

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from rich.text import Text
 from textual.widgets import DataTable
 from textual.widgets.data_table import RowKey
+
+
+def cell_len(value: Any) -> int:
+    """Terminal cells a table cell's text takes on one line."""
+    return value.cell_len if isinstance(value, Text) else Text(str(value)).cell_len
 
 
 class KeyedTable(DataTable):
@@ -51,10 +57,29 @@ class KeyedTable(DataTable):
                     if old.get(c) != cells[c]:
                         self.update_cell(key, c, cells[c])
             self._cells[key] = cells
+        self._fit_columns()
         if self.sort_column is not None:
             self.apply_sort()
         if keep is not None and keep in self._cells:
             self.move_cursor(row=self.get_row_index(keep), animate=False)
+
+    def _fit_columns(self) -> None:
+        """Every column as wide as its widest cell: a number is never cut (1,710 never shows as 1,71).
+
+        DataTable widens columns lazily and can render rows with the old widths; setting the widths
+        here, with the caches dropped, makes the next frame exact.
+        """
+        changed = False
+        for column in self.columns.values():
+            key = column.key.value
+            widest = max([cell_len(column.label), *(cell_len(c[key]) for c in self._cells.values())])
+            if column.content_width != widest:
+                column.content_width = widest
+                changed = True
+        if changed:
+            self._require_update_dimensions = True
+            self._clear_caches()
+            self.refresh()
 
     def apply_sort(self) -> None:
         if self.sort_column is None or not self.row_count:

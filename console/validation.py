@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from .data import Snapshot
+from .data import GONE_STATES, Snapshot
 from .status import StatusBar
 from .table import KeyedTable
 
@@ -22,7 +22,7 @@ def validate_options(module: Any, registry: str, token: str | None, snapshot: Sn
     kw: dict[str, Any] = {"registry": registry, "token": token}
     expected_cls = getattr(module, "ExpectedService", None)
     if snapshot is not None and expected_cls is not None:
-        sitters = [r for r in snapshot.services if r.role == "babysitter" and r.state != "expired"]
+        sitters = [r for r in snapshot.services if r.role == "babysitter" and r.state not in GONE_STATES]
         if sitters:
             kw["expect_services"] = tuple(expected_cls(r.name, r.models) for r in sitters)
             hosts = {r.host for r in snapshot.services if r.role in ("babysitter", "backend")}

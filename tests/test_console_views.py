@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from console.app import ConsoleApp
-from console.data import Latency, LogLine, ModelRow, Point, ServiceRow, Snapshot
+from console.data import Latency, LogLine, ModelRow, Point, Route, ServiceRow, Snapshot
 from conftest import async_wait_for
 from console_pilot import ask_action
 
@@ -16,14 +16,18 @@ T0 = 1_700_000_000.0
 SIZE = (150, 40)
 
 
+OK = Route(1, 1)
+
+
 def _backend(name: str, host: str, port: int, models: tuple[str, ...], state: str = "running", *,
-             requests: int = 0, errors: int = 0, restarts: int = 0, hb: float = 1.2) -> ServiceRow:
+             requests: int = 0, errors: int = 0, restarts: int = 0, hb: float = 1.2,
+             route: Route | None = OK) -> ServiceRow:
     sitter = name.removesuffix("-server")
     return ServiceRow(name=name, role="backend", host=host, port=port, url=f"http://{host}:{port}", state=state,
                       heartbeat_age=hb, healthy=state == "running", restarts=restarts, models=models,
                       babysitter_url=f"http://{host}:{port + 1}", pid=4000 + port % 100, started_at=T0 - 300,
                       requests=requests, errors=errors, in_flight=1 if requests else 0,
-                      latency=Latency(12.5, 40.0, 95.0) if requests else Latency(),
+                      latency=Latency(12.5, 40.0, 95.0) if requests else Latency(), route=route,
                       metadata={"parent_service": sitter})
 
 
@@ -41,20 +45,22 @@ def fake_snapshot(taken_at: float = T0) -> Snapshot:
         _sitter("babysitter-b", "127.0.0.2", 8200, ("model-2",)),
         _sitter("babysitter-c", "127.0.0.3", 8100, ("model-1",), state="backoff", restarts=3),
         _sitter("babysitter-d", "127.0.0.3", 8200, ("model-2",), hb=140.0, state="stale"),
-        _backend("babysitter-a-server", "127.0.0.2", 8100, ("model-1",), requests=1520, errors=2),
-        _backend("babysitter-b-server", "127.0.0.2", 8200, ("model-2",), requests=1498),
+        _backend("babysitter-a-server", "127.0.0.2", 8100, ("model-1",), requests=17102, errors=2),
+        _backend("babysitter-b-server", "127.0.0.2", 8200, ("model-2",), requests=1498, errors=4,
+                 route=Route(1, 0, "circuit open", 8.0)),
         _backend("babysitter-c-server", "127.0.0.3", 8100, ("model-1",), state="backoff", restarts=3,
-                 requests=37, errors=5),
-        _backend("babysitter-d-server", "127.0.0.3", 8200, ("model-2",), state="stale", hb=140.0, requests=810),
+                 requests=37, errors=5, route=Route(1, 0, "registry: backoff")),
+        _backend("babysitter-d-server", "127.0.0.3", 8200, ("model-2",), state="stale", hb=140.0, requests=810,
+                 route=Route(1, 0, "health check failing")),
         ServiceRow(name="router-127.0.0.2-8000", role="router", host="127.0.0.2", port=8000,
                    url="http://127.0.0.2:8000", state="running", heartbeat_age=0.5, healthy=True,
                    metadata={"url": "http://127.0.0.2:8000"}),
     )
     models = (
-        ModelRow("model-1", ("babysitter-a-server", "babysitter-c-server"), healthy=1, requests=1557, errors=7,
+        ModelRow("model-1", ("babysitter-a-server", "babysitter-c-server"), healthy=1, requests=17139, errors=7,
                  rate=42.5, latency=Latency(13.0, 41.0, 99.0)),
-        ModelRow("model-2", ("babysitter-b-server", "babysitter-d-server"), healthy=1, requests=2308, errors=0,
-                 rate=38.0, latency=Latency(11.0, 35.0, 80.0)),
+        ModelRow("model-2", ("babysitter-b-server", "babysitter-d-server"), healthy=0, requests=2308, errors=4,
+                 rate=38.0, latency=Latency(11.0, 35.0, 80.0), lost=("babysitter-e-server",)),
     )
     history = {"babysitter-a-server": tuple(Point(T0 - 2 * (30 - i), float((i * 7) % 23), 10.0 + (i * 5) % 9)
                                             for i in range(30))}
@@ -125,12 +131,13 @@ def _utc(monkeypatch):
 
 
 def test_snapshot_services_view(snap_compare):
-    """The services view: states colour-coded, heartbeat ages, restarts, models, router statistics."""
+    """The services view: states colour-coded, whether routed (an open circuit counting down), heartbeat
+    ages, restarts, models, router statistics with a five-digit REQS."""
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=_load)
 
 
 def test_snapshot_models_view(snap_compare):
-    """The models view: each model with its backends, healthy count and request rate."""
+    """The models view: each model with its backends, healthy count, a backend lost recently, request rate."""
     async def run_before(pilot):
         await _load(pilot)
         await pilot.press("m")
@@ -153,6 +160,25 @@ def test_snapshot_backend_detail_view(snap_compare):
 
 
 # -- behaviour on fake data ----------------------------------------------------------------------
+
+async def test_a_number_that_grows_widens_its_column_instead_of_losing_digits():
+    """REQS going from 999 to 1,710 (and then 12,345) shows every digit after each refresh."""
+    first = fake_snapshot()
+    rows = list(first.services)
+    rows[4] = replace(rows[4], requests=999, errors=0)
+    grown = [replace(first, services=tuple(rows))]
+    for n in (1710, 12345):
+        rows[4] = replace(rows[4], requests=n)
+        grown.append(replace(first, services=tuple(rows)))
+    app = make_app(FakeSource(grown))
+    async with app.run_test(size=(200, 40)) as pilot:
+        for expected in ("999", "1,710", "12,345"):
+            await _load(pilot)
+            table = app.screen.query_one("#services")
+            assert cell_text(app, "babysitter-a-server", "requests") == expected
+            shown = {str(c.label): c.content_width for c in table.columns.values()}
+            assert shown["REQS"] >= len(expected), (expected, shown)
+
 
 async def test_filter_narrows_rows_and_esc_restores_them():
     """`/` then typing keeps only matching rows; esc clears the filter and every row comes back."""
