@@ -36,7 +36,7 @@ def launch_spec(config: BabysitterConfig) -> LaunchSpec:
     listen = config.bind or "0.0.0.0"
     args = list(b.args)
     if b.type == "mock":
-        argv = self_command() + ["mock", "--name", config.service_name, "--port", port,
+        argv = self_command() + ["mock", "--name", b.mock_name or config.service_name, "--port", port,
                                  "--models", ",".join(b.models), "--host", listen, *b.mock_options, *args]
     elif b.type == "command":
         argv = shlex.split(b.command or "") + args

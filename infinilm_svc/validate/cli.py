@@ -111,7 +111,7 @@ async def _run_cli(options: ValidateOptions, as_json: bool) -> int:
     if as_json:
         passed = sum(r.passed for r in results)
         print(dumps({"registry": options.registry, "checks": [asdict(r) for r in results],
-                          "passed": passed, "failed": len(results) - passed}, indent=2))
+                     "passed": passed, "failed": len(results) - passed}))
     else:
         print(summary_line(results))
     return EXIT_OK if all(r.passed for r in results) else EXIT_FAIL
