@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
+import os
 import re
 import time
 from collections import Counter
@@ -21,13 +23,27 @@ def fair_share(requests: int, backends: int) -> int:
     return math.ceil(requests / (2 * backends))
 
 
+def connection_problem(exc: BaseException) -> str:
+    """A failed connection in a few plain words: `connection refused`, `timed out`, ..."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer (timed out)"
+    os_error = getattr(exc, "os_error", None) or (exc if isinstance(exc, OSError) else None)
+    if isinstance(os_error, OSError) and os_error.errno:
+        if os_error.errno == errno.ECONNREFUSED:
+            return "connection refused (nothing listens there)"
+        return os.strerror(os_error.errno).lower()
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def check_registry(run: Run) -> CheckResult:
     name = "registry health"
     url = run.options.registry.rstrip("/")
     try:
         status, body = await request_json(run, "GET", url + "/health")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return CheckResult(1, name, False, f"cannot reach the registry at {url}: {type(exc).__name__}: {exc}")
+        run.registry_error = f"cannot reach the registry at {url}: {connection_problem(exc)}"
+        return CheckResult(1, name, False, run.registry_error + ("" if run.options.router else
+                                                                 "; the other checks need it (or --router URL)"))
     if status != 200 or not isinstance(body, dict) or body.get("status") != "healthy":
         return CheckResult(1, name, False, f"GET {url}/health answered {status}: {shorten(body)}")
     return CheckResult(1, name, True, f"{url}: {body.get('registered_services', '?')} services, "
@@ -403,6 +419,12 @@ async def check_chaos(run: Run) -> CheckResult:
                                        f"{up_after:.1f} s; all {sent} requests sent meanwhile succeeded ({by})")
 
 
+# The checks after the first, by number and name, as they are reported when they cannot run.
+NEEDS_REGISTRY = ((2, "router health"), (3, "discovery"), (4, "model aggregation"), (5, "chat"),
+                  (6, "chat (streaming)"), (7, "load balancing"), (8, "request logs"), (9, "unknown model"),
+                  (10, "chaos: stop a backend"))
+
+
 async def _wait_discovery(run: Run) -> None:
     deadline = time.monotonic() + run.options.wait
     while time.monotonic() < deadline:
@@ -418,7 +440,15 @@ async def run_checks(options: ValidateOptions) -> AsyncIterator[CheckResult]:
         run = Run(options=options, session=session)
         if options.wait > 0:
             await _wait_discovery(run)
-        yield await check_registry(run)
+        first = await check_registry(run)
+        yield first
+        if not first.passed and run.registry_error and not options.router:
+            # Without the registry there is no router to find and nothing to check against: say the
+            # connection error once (check 1), and mark the rest as not run rather than repeat it.
+            for number, name in NEEDS_REGISTRY:
+                if number != 10 or options.chaos:
+                    yield CheckResult(number, name, False, "not run: needs the registry (check 1)", ran=False)
+            return
         await find_router(run)
         yield await check_router(run)
         yield await check_discovery(run)
