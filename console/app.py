@@ -28,6 +28,7 @@ class ConsoleApp(App):
         Binding("p", "pause", "Pause"),
         Binding("plus,equals_sign", "slower", "Slower", show=False),
         Binding("minus", "faster", "Faster", show=False),
+        Binding("R", "reconnect", "Reconnect", show=False),
     ]
 
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
@@ -100,7 +101,8 @@ class ConsoleApp(App):
             stale_for = time.monotonic() - self.last_ok if self.last_ok is not None else None
             self.stale = self.snapshot is not None
             self.status = replace(self.status, connected=False, error=str(exc), failures=self.failures,
-                                  retry_in=delay, stale_for=stale_for)
+                                  retry_in=delay, stale_for=stale_for, retry_at=time.monotonic() + delay,
+                                  last_ok_at=self.last_ok)
         else:
             self.failures = 0
             delay = self.interval
@@ -115,6 +117,7 @@ class ConsoleApp(App):
         self.published_at = time.monotonic()
         self.snapshot = snap
         self.status = replace(self.status, connected=True, error="", failures=0, retry_in=0.0, stale_for=None,
+                              retry_at=None, last_ok_at=None,
                               services=snap.registered,
                               routers=sum(1 for s in snap.services if s.role == "router" and s.state not in GONE_STATES),
                               router_errors=len(snap.router_errors))
@@ -130,6 +133,18 @@ class ConsoleApp(App):
         from .dialogs import HelpScreen
 
         self.push_screen(HelpScreen())
+
+    def action_reconnect(self) -> None:
+        """Poll now instead of waiting out the back-off (after the registry came back)."""
+        if self.paused:
+            self.notify("paused: p resumes refreshing", timeout=2)
+            return
+        if self.autopoll:
+            self._arm(0)
+        else:
+            self.run_worker(self.poll_once(), group="poll", exclusive=True, exit_on_error=False)
+        if self.status.connected is False:
+            self.notify("reconnecting now", timeout=1.5)
 
     def action_pause(self) -> None:
         self.paused = not self.paused

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from dataclasses import replace
 
@@ -159,6 +160,125 @@ def test_snapshot_backend_detail_view(snap_compare):
     assert snap_compare(make_app(), terminal_size=SIZE, run_before=run_before)
 
 
+def _long_log() -> list[LogLine]:
+    """A backend's log as the demo writes it: user requests, and health/model-list probes every 2 s."""
+    out = [LogLine(T0, "babysitter", "backend started (pid 4100)")]
+    for i in range(1, 80):
+        if i % 3 == 0:
+            out.append(LogLine(T0 + i, "stdout", f"request id=req-{i:04d} method=POST path=/v1/chat/completions "
+                                                  f"model=model-1 stream=false status=200 "
+                                                  f"prompt_tokens={i} completion_tokens={2 * i} " + "x" * 90))
+        else:
+            path = "/health" if i % 3 == 1 else "/v1/models"
+            out.append(LogLine(T0 + i, "stdout", f"request id=- method=GET path={path} model=- stream=false status=200"))
+    return out
+
+
+class LiveLogSource(FakeSource):
+    """A babysitter whose log keeps growing: lines put on `more` arrive while the view is open."""
+
+    def __init__(self, log: list[LogLine]) -> None:
+        super().__init__()
+        self.log = log
+        self.more: asyncio.Queue[LogLine] = asyncio.Queue()
+
+    async def follow_logs(self, url: str, tail: int = 200):
+        for line in self.log:
+            yield line
+        while True:
+            yield await self.more.get()
+
+
+async def _open_log(pilot, count: int):
+    """Open babysitter-a-server's detail and wait until `count` lines are in its log."""
+    app = pilot.app
+    await _load(pilot)
+    app.open_detail(app.snapshot.service("babysitter-a-server"))
+    await pilot.pause()
+    log = app.screen.query_one("#log")
+
+    async def arrived():
+        await pilot.pause()
+        return len(log.entries) >= count
+    await async_wait_for(arrived, timeout=10, what=f"{count} log lines")
+    await pilot.pause()
+    return log
+
+
+def test_snapshot_detail_log_scrolled_back(snap_compare):
+    """The log scrolled back to its start with PageUp/Home: probe lines hidden, long lines wrapped, and it
+    stays there while new lines arrive."""
+    source = LiveLogSource(_long_log())
+
+    async def run_before(pilot):
+        log = await _open_log(pilot, len(source.log))
+        await pilot.press("pageup", "home")
+        await pilot.pause()
+        source.more.put_nowait(LogLine(T0 + 100, "stdout", "request id=req-0100 method=POST path=/v1/chat/completions "
+                                                           "model=model-1 stream=false status=200"))
+        await async_wait_for(lambda: _true(len(log.entries) > len(source.log)), what="the new line")
+        await pilot.pause()
+    assert snap_compare(make_app(source), terminal_size=SIZE, run_before=run_before)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_log_scrolls_back_from_the_keyboard_and_follows_again_at_the_bottom():
+    """Up/PageUp/Home leave the bottom and new lines do not pull the view back; End resumes following."""
+    source = LiveLogSource(_long_log())
+    app = make_app(source)
+    async with app.run_test(size=SIZE) as pilot:
+        log = await _open_log(pilot, len(source.log))
+        assert log.has_focus and log.following and log.max_scroll_y > 0
+        await pilot.press("pageup", "up")
+        await pilot.pause()
+        where = log.scroll_y
+        assert where < log.max_scroll_y
+        for i in range(5):
+            source.more.put_nowait(LogLine(T0 + 200 + i, "stdout", f"request id=late-{i} method=POST path=/v1/completions"))
+        await async_wait_for(lambda: _true(len(log.entries) == len(source.log) + 5), what="5 new lines")
+        await pilot.pause()
+        assert log.scroll_y == where                       # still where the operator scrolled to
+        await pilot.press("end")
+        await pilot.pause()
+        source.more.put_nowait(LogLine(T0 + 300, "stdout", "request id=last method=POST path=/v1/completions"))
+        await async_wait_for(lambda: _true(len(log.entries) == len(source.log) + 6), what="one more line")
+        await pilot.pause()
+        assert log.following and log.scroll_y == log.max_scroll_y
+
+
+async def test_probe_lines_are_hidden_and_h_shows_them():
+    """Health and model-list probes are hidden by default (the subtitle counts them); `h` toggles them."""
+    source = LiveLogSource(_long_log())
+    app = make_app(source)
+    async with app.run_test(size=SIZE) as pilot:
+        log = await _open_log(pilot, len(source.log))
+        shown = " ".join(s.text for s in log.lines)
+        assert "req-0003" in shown and "path=/health" not in shown and "path=/v1/models" not in shown
+        assert "backend started (pid 4100)" in shown
+        assert "53 probe lines hidden" in str(log.border_subtitle)
+        await pilot.press("h")
+        await pilot.pause()
+        shown = " ".join(s.text for s in log.lines)
+        assert "path=/health" in shown and "path=/v1/models" in shown and "req-0003" in shown
+        assert "probes shown" in str(log.border_subtitle)
+
+
+async def test_help_lists_every_key():
+    """The help dialog names every key the screens bind, including c (clear log), h, R and ^p."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        await pilot.press("question_mark")
+        await pilot.pause()
+        text = str(app.screen.query_one("Static").render())
+        for key in ("?", "/", "enter", "m", "s", "S", "r", "x", "t", "v", "p", "+ / -", "q", "esc",
+                    "c", "h", "R", "^p", "PgUp", "End"):
+            assert re.search(rf"(^|\s){re.escape(key)}(\s{{2,}}|\s[A-Z↑↓])", text, re.M), (key, text)
+
+
 # -- behaviour on fake data ----------------------------------------------------------------------
 
 async def test_a_number_that_grows_widens_its_column_instead_of_losing_digits():
@@ -243,6 +363,69 @@ async def test_unreachable_registry_keeps_last_data_marked_stale_with_backoff():
         assert not app.screen.has_class("-stale")
 
 
+def test_stale_header_counts_down_live():
+    """The retry countdown and the age of stale data move with the clock, not only on each poll."""
+    from console.status import Status
+
+    status = Status(registry="http://r", connected=False, failures=3, retry_in=16.0, stale_for=14.0,
+                    retry_at=1000.0, last_ok_at=970.0)
+    first, later = status.line(now=984.0), status.line(now=995.0)
+    assert "retrying in 16s" in first and "STALE[/b] data from 14s ago" in first
+    assert "retrying in 5s" in later and "STALE[/b] data from 25s ago" in later
+
+
+async def test_R_reconnects_at_once_after_the_registry_is_back():
+    """With the registry back, R polls now instead of waiting out the back-off."""
+    source = FakeSource()
+    app = make_app(source)
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        source.fail = True
+        await app.poll_once()
+        await pilot.pause()
+        assert app.status.connected is False and app.screen.has_class("-stale")
+        source.fail = False
+        await pilot.press("R")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert app.status.connected is True and not app.screen.has_class("-stale")
+        assert "connected" in str(app.screen.query_one("#status").render())
+
+
+async def test_stale_rows_lose_their_green():
+    """While the data is stale a running row is not shown in the success colour."""
+    source = FakeSource()
+    app = make_app(source)
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        green = app.screen.query_one("#services").get_cell("babysitter-a", "state").style
+        assert app.theme_variables["success"] in str(green)
+        source.fail = True
+        await app.poll_once()
+        await pilot.pause()
+        stale = app.screen.query_one("#services").get_cell("babysitter-a", "state").style
+        assert app.theme_variables["success"] not in str(stale)
+
+
+async def test_the_sorting_column_shows_its_direction_and_the_cursor_stays_on_its_service():
+    """`s` marks the sorted column ▲, `S` turns it ▼; the cursor follows its service as rows move."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        table = app.screen.query_one("#services")
+        table.move_cursor(row=table.get_row_index("router-127.0.0.2-8000"))
+        await pilot.press("s")              # by name
+        await pilot.pause()
+        labels = [str(c.label) for c in table.columns.values()]
+        assert labels[0] == "NAME ▲" and all("▲" not in lab and "▼" not in lab for lab in labels[1:]), labels
+        assert table.cursor_key == "router-127.0.0.2-8000"
+        assert table_rows(app)[-1] == "router-127.0.0.2-8000"
+        await pilot.press("S")
+        await pilot.pause()
+        assert str(table.columns[next(iter(table.columns))].label) == "NAME ▼"
+        assert table_rows(app)[0] == "router-127.0.0.2-8000" and table.cursor_key == "router-127.0.0.2-8000"
+
+
 async def test_restart_asks_first_and_only_acts_on_yes():
     """`r` opens a confirmation; `n` does nothing, `y` posts restart to the row's babysitter."""
     source = FakeSource()
@@ -310,8 +493,8 @@ async def test_log_follow_reconnects_after_babysitter_restart_without_repeating_
         async def new_line_shown():
             return any(RestartingLogSource.NEW.line in s.text for s in log.lines)
         await async_wait_for(new_line_shown, timeout=10, what="the line logged after the reconnect")
-        texts = [s.text for s in log.lines]
+        texts = [text.plain for _, text in log.entries]
         assert source.connects == 2
         assert any("log stream lost (ConnectionError: babysitter went away); reconnecting" in t for t in texts), texts
         for line in LOG:
-            assert sum(line.line in t for t in texts) == 1, (line.line, texts)
+            assert sum(t.endswith(line.line) for t in texts) == 1, (line.line, texts)
