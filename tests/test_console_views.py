@@ -426,6 +426,45 @@ async def test_the_sorting_column_shows_its_direction_and_the_cursor_stays_on_it
         assert table_rows(app)[0] == "router-127.0.0.2-8000" and table.cursor_key == "router-127.0.0.2-8000"
 
 
+async def test_heartbeat_ages_tick_between_polls():
+    """With no new poll, a heartbeat age shown as 1.2s becomes 2.2s a second later (and so on)."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        assert cell_text(app, "babysitter-a-server", "hb") == "1.2s"
+
+        async def ticked():
+            await pilot.pause()
+            return cell_text(app, "babysitter-a-server", "hb") == "2.2s"
+        await async_wait_for(ticked, timeout=5, what="the age to tick without a poll")
+        assert app.polls == 1
+
+
+async def test_a_deregistered_service_shows_gone_and_is_not_counted():
+    """A record that left cleanly reads `gone` with no heartbeat age; the header counts only the registered."""
+    first = fake_snapshot()
+    rows = list(first.services)
+    rows[0] = replace(rows[0], state="gone", healthy=False, heartbeat_age=None)
+    app = make_app(FakeSource([replace(first, services=tuple(rows))]))
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        assert cell_text(app, "babysitter-a", "state") == "gone" and cell_text(app, "babysitter-a", "hb") == "-"
+        assert "8 services" in str(app.screen.query_one("#status").render())
+
+
+async def test_enter_on_a_model_opens_its_backends():
+    """In the models view, enter goes back to the services filtered to that model."""
+    app = make_app()
+    async with app.run_test(size=SIZE) as pilot:
+        await _load(pilot)
+        await pilot.press("m")
+        await pilot.pause()
+        await pilot.press("down", "enter")            # model-2
+        await pilot.pause()
+        assert app.screen.id == "services-screen"
+        assert table_rows(app) == ["babysitter-b", "babysitter-d", "babysitter-b-server", "babysitter-d-server"]
+
+
 async def test_restart_asks_first_and_only_acts_on_yes():
     """`r` opens a confirmation; `n` does nothing, `y` posts restart to the row's babysitter."""
     source = FakeSource()
