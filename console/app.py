@@ -10,7 +10,9 @@ from textual.binding import Binding
 from textual.reactive import reactive
 from textual.timer import Timer
 
-from .data import GONE_STATES, ActionFailed, ServiceRow, Snapshot, backend_target
+from infinilm_svc.client.babysitter import BabysitterError
+
+from .rows import GONE_STATES, ServiceRow, Snapshot, backend_target
 from .status import Status
 
 INTERVALS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -213,7 +215,7 @@ class ConsoleApp(App):
     async def _act(self, name: str, url: str, action: str) -> None:
         try:
             message = await self.source.act(url, action)
-        except ActionFailed as exc:
+        except BabysitterError as exc:
             self.notify(str(exc), title=f"{action} {name} failed", severity="error", timeout=8)
         else:
             self.notify(f"{action} {name}: {message}", title="done")

@@ -6,7 +6,9 @@ from typing import Callable
 
 from rich.text import Text
 
-from .data import GONE_STATES, Latency, LogLine, ModelRow, Route, ServiceRow
+from infinilm_svc.client.babysitter import LogLine
+
+from .rows import GONE_STATES, Latency, ModelRow, Route, ServiceRow
 
 # Which theme colour each state gets; the names are Textual theme variables ($success, ...).
 STATE_KIND = {

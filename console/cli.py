@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _poll_once(registry: str):
     import aiohttp
 
-    from .data import Poller
+    from .poller import Poller
 
     async with aiohttp.ClientSession() as session:
         return await Poller(session, registry).poll()
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.once:
         return print_once(args.registry)
     from .app import ConsoleApp
-    from .data import HttpSource
+    from .source import HttpSource
 
     app = ConsoleApp(HttpSource(args.registry, token=args.token), interval=args.interval)
     app.run()

@@ -11,7 +11,9 @@ from textual.screen import Screen
 from textual.widgets import Footer, Label, Sparkline, Static
 
 from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, state_text
-from .data import LogLine, ServiceRow, Snapshot
+from infinilm_svc.client.babysitter import LogLine
+
+from .rows import ServiceRow, Snapshot
 from .logview import LogView
 from .status import StatusBar
 

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual.widgets import RichLog
 
-from .data import LogLine
+from infinilm_svc.client.babysitter import LogLine
 
 # Requests the babysitter, the routers and the registry make to check a backend: health checks and
 # model-list reads. The mock logs `method=GET path=/health`; servers such as vLLM or uvicorn log

@@ -7,7 +7,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer
 
 from .cells import MODEL_COLUMNS, model_cells
-from .data import Snapshot
+from .rows import Snapshot
 from .status import StatusBar
 from .table import KeyedTable
 

@@ -9,7 +9,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input
 
 from .cells import SERVICE_COLUMNS, service_cells
-from .data import ServiceRow, Snapshot
+from .rows import ServiceRow, Snapshot
 from .status import StatusBar
 from .table import KeyedTable
 

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from .data import GONE_STATES, Snapshot
+from .rows import GONE_STATES, Snapshot
 from .status import StatusBar
 from .table import KeyedTable
 

@@ -24,7 +24,7 @@ def test_console_imports_no_server_role():
     """Importing every console module pulls in no registry/router/babysitter/mock module."""
     r = _python("""
         import sys
-        import console.app, console.cli, console.data, console.services, console.models
+        import console.app, console.cli, console.poller, console.rows, console.source, console.services, console.models
         import console.detail, console.validation, console.dialogs
         bad = sorted(m for m in sys.modules if m.split('.')[:2] in (['infinilm_svc', 'registry'],
                      ['infinilm_svc', 'router'], ['infinilm_svc', 'babysitter'], ['infinilm_svc', 'mock']))
@@ -121,7 +121,7 @@ def test_stylesheet_ships_and_loads_inside_the_pyz(pyz_path, tmp_path):
     script = tmp_path / "headless.py"
     script.write_text(textwrap.dedent("""
         import asyncio, console.app
-        from console.data import Snapshot
+        from console.rows import Snapshot
         class Source:
             registry_url = "http://127.0.0.1:1"
             async def poll(self):

@@ -9,7 +9,8 @@ from aiohttp import web
 
 from conftest import async_wait_for
 
-from console.data import ActionFailed, Babysitters, Poller
+from console.poller import Poller
+from infinilm_svc.client.babysitter import BabysitterClient, BabysitterError
 from infinilm_svc.config.registry import RegistryConfig
 from infinilm_svc.registry.app import create_app as create_registry
 
@@ -163,9 +164,9 @@ async def test_babysitter_action_reports_refusal(aiohttp_server):
     srv = await aiohttp_server(app, host=HOST)
     async with aiohttp.ClientSession() as session:
         url = f"http://{HOST}:{srv.port}"
-        with pytest.raises(ActionFailed, match=r"restart refused \(401\): bad token"):
-            await Babysitters(session, "wrong").act(url, "restart")
-        assert await Babysitters(session, "right").act(url, "restart") == "restarting"
+        with pytest.raises(BabysitterError, match=r"restart refused \(401\): bad token"):
+            await BabysitterClient(session, "wrong").act(url, "restart")
+        assert await BabysitterClient(session, "right").act(url, "restart") == "restarting"
 
 
 async def test_models_count_errors_like_their_backends_and_remember_a_lost_backend(aiohttp_server):

@@ -9,9 +9,10 @@ from dataclasses import replace
 import pytest
 
 from console.app import ConsoleApp
-from console.data import Latency, LogLine, ModelRow, Point, Route, ServiceRow, Snapshot
 from conftest import async_wait_for
+from console.rows import Latency, ModelRow, Point, Route, ServiceRow, Snapshot
 from console_pilot import ask_action
+from infinilm_svc.client.babysitter import LogLine
 
 T0 = 1_700_000_000.0
 SIZE = (150, 40)

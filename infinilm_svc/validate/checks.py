@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Iterable
 
 import aiohttp
 
+from ..client.babysitter import BabysitterClient, BabysitterError
 from .deployment import Run, chat, error_message, find_router, metadata_of, refresh_records, request_json, shorten
 from .options import CheckResult, ExpectedService, ValidateOptions
 
@@ -236,12 +237,10 @@ async def _read_logs(run: Run, backend: str) -> tuple[list[str] | None, str | No
     if url is None:
         return None, f"no babysitter URL for {backend} in the registry"
     try:
-        status, body = await request_json(run, "GET", f"{url}/logs?tail={run.options.log_tail}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return None, f"cannot read {backend}'s log at {url}/logs: {type(exc).__name__}: {exc}"
-    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("lines"), list):
-        return None, f"GET {url}/logs answered {status}: {shorten(body)}"
-    return [str(e.get("line", "")) if isinstance(e, dict) else str(e) for e in body["lines"]], None
+        lines = await run.babysitters.tail(url, run.options.log_tail)
+    except BabysitterError as exc:
+        return None, f"{backend}: {exc}"
+    return [entry.line for entry in lines], None
 
 
 async def check_logs(run: Run) -> CheckResult:
@@ -346,13 +345,10 @@ async def check_chaos(run: Run) -> CheckResult:
     url = run.babysitter_url(backend)
     if url is None:
         return CheckResult(10, name, False, f"no babysitter URL for {backend} in the registry")
-    headers = {"Authorization": f"Bearer {run.options.token}"} if run.options.token else {}
     try:
-        status, body = await request_json(run, "POST", f"{url}/stop", headers=headers)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return CheckResult(10, name, False, f"POST {url}/stop: {type(exc).__name__}: {exc}")
-    if status >= 300:
-        return CheckResult(10, name, False, f"POST {url}/stop answered {status}: {shorten(body)}")
+        await run.babysitters.act(url, "stop")
+    except BabysitterError as exc:
+        return CheckResult(10, name, False, f"{url}: {exc}")
     problems: list[str] = []
     sent = 0
     failed: list[str] = []
@@ -398,11 +394,9 @@ async def check_chaos(run: Run) -> CheckResult:
     finally:
         t1 = time.monotonic()
         try:
-            status, body = await request_json(run, "POST", f"{url}/start", headers=headers)
-            if status >= 300:
-                problems.append(f"POST {url}/start answered {status}: {shorten(body)}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            problems.append(f"POST {url}/start: {type(exc).__name__}: {exc}")
+            await run.babysitters.act(url, "start")
+        except BabysitterError as exc:
+            problems.append(f"{url}: {exc}")
         back = await _wait_record(run, backend, True, time.monotonic() + run.options.chaos_timeout)
         up_after = time.monotonic() - t1
         done.set()
@@ -437,7 +431,8 @@ async def _wait_discovery(run: Run) -> None:
 async def run_checks(options: ValidateOptions) -> AsyncIterator[CheckResult]:
     """Run every check against the deployment, yielding each result as soon as it is known."""
     async with aiohttp.ClientSession() as session:
-        run = Run(options=options, session=session)
+        run = Run(options=options, session=session,
+                  babysitters=BabysitterClient(session, options.token, timeout=options.timeout))
         if options.wait > 0:
             await _wait_discovery(run)
         first = await check_registry(run)

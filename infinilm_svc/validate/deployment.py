@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import aiohttp
 
+from ..client.babysitter import BabysitterClient
 from ..wire import dumps
 from .options import ValidateOptions
 
@@ -37,6 +38,7 @@ class Run:
 
     options: ValidateOptions
     session: aiohttp.ClientSession
+    babysitters: BabysitterClient
     records: list[dict] = field(default_factory=list)
     registry_error: str | None = None
     router: str | None = None
