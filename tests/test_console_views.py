@@ -267,6 +267,27 @@ async def test_probe_lines_are_hidden_and_h_shows_them():
         assert "probes shown" in str(log.border_subtitle)
 
 
+async def test_a_notice_does_not_cover_the_log():
+    """The "done" notice of an action shows at the top right, clear of the detail view's log."""
+    from textual.widgets._toast import Toast
+
+    source = LiveLogSource(_long_log())
+    app = make_app(source)
+    async with app.run_test(size=SIZE, notifications=True) as pilot:
+        log = await _open_log(pilot, len(source.log))
+        await pilot.press("r")
+        await pilot.pause()
+        await pilot.press("y")
+
+        async def shown():
+            await pilot.pause()
+            return list(app.screen.query(Toast))
+        toasts = await async_wait_for(shown, timeout=5, what="the done notice")
+        assert source.actions == [("http://127.0.0.2:8101", "restart")]
+        for toast in toasts:
+            assert not toast.region.overlaps(log.region), (toast.region, log.region)
+
+
 async def test_help_lists_every_key():
     """The help dialog names every key the screens bind, including c (clear log), h, R and ^p."""
     app = make_app()
