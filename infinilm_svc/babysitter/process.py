@@ -30,7 +30,7 @@ def probe_host(config: BabysitterConfig) -> str:
 
 
 def launch_spec(config: BabysitterConfig) -> LaunchSpec:
-    """The backend's command line for each backend type (reference §3.2, with `args` never re-split)."""
+    """The backend's command line for each backend type (as upstream builds it, with `args` never re-split)."""
     b = config.backend
     port = str(config.port)
     listen = config.bind or "0.0.0.0"

@@ -1,4 +1,4 @@
-"""An upstream babysitter file (reference §3.2), accepted unchanged, plus our optional keys."""
+"""An upstream babysitter file, accepted unchanged, plus our optional keys."""
 from __future__ import annotations
 
 import shlex
