@@ -46,6 +46,14 @@ def test_inline_env_and_default_name_follow_upstream():
     assert dict(b.backend.env) == {"CUDA_VISIBLE_DEVICES": "0"}
 
 
+def test_the_demo_mocks_are_named_as_upstreams_demo_names_them():
+    """babysitter-a..d run mock-service-a..d (upstream's validate.sh greps answers for mock-service-[ac])."""
+    demo = Path(__file__).parent.parent / "demo" / "integration-validation" / "config"
+    for x in "abcd":
+        (b,) = load_config_files([demo / f"babysitter-{x}.toml"]).babysitters
+        assert (b.service_name, b.backend.mock_name) == (f"babysitter-{x}", f"mock-service-{x}")
+
+
 def test_mock_backend_type_and_defaults():
     (b,) = load_config_files([UP / "mock-type.toml"]).babysitters
     assert b.backend.models == ("model-a", "model-b", "model-c")
@@ -90,6 +98,7 @@ def test_three_mistakes_are_all_reported_with_file_key_and_line():
     ("[registry\nport = 1\n", "invalid TOML"),
     ("[router]\nport = 8000\n", "needs registry_url or static_services"),
     ("nothing = 1\n", "declares no role"),
+    ('port = 8100\n[backend]\ntype = "command"\ncommand = "x"\nmock_name = "m"\n', 'mock_name is the non-empty name of a type = "mock" backend'),
     ('[registry]\nport = 18000\n[router]\nport = 18000\nregistry_url = "http://127.0.0.1:18000"\n', "also used by the registry"),
 ])
 def test_each_mistake_gets_a_clear_message(tmp_path, text, expected):
