@@ -37,8 +37,10 @@ class ConsoleApp(App):
     status: reactive[Status] = reactive(Status(registry=""), always_update=True)
     stale: reactive[bool] = reactive(False)
 
-    def __init__(self, source: Any, interval: float = 2.0, autopoll: bool = True) -> None:
+    def __init__(self, source: Any, interval: float = 2.0, autopoll: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self.clock = clock     # what ages and countdowns are computed against (tests freeze it)
         self.source = source
         self.interval = interval
         self.autopoll = autopoll
@@ -66,7 +68,7 @@ class ConsoleApp(App):
         """Whole seconds since the shown snapshot was taken (ages tick in whole seconds between polls)."""
         if self.published_at is None:
             return 0.0
-        return float(int(time.monotonic() - self.published_at))
+        return float(int(self.clock() - self.published_at))
 
     def on_mount(self) -> None:
         from .services import ServicesScreen
@@ -100,15 +102,15 @@ class ConsoleApp(App):
         except Exception as exc:  # noqa: BLE001 - every failure is shown in the header and retried
             self.failures += 1
             delay = min(self.interval * 2 ** self.failures, MAX_BACKOFF)
-            stale_for = time.monotonic() - self.last_ok if self.last_ok is not None else None
+            stale_for = self.clock() - self.last_ok if self.last_ok is not None else None
             self.stale = self.snapshot is not None
             self.status = replace(self.status, connected=False, error=str(exc), failures=self.failures,
-                                  retry_in=delay, stale_for=stale_for, retry_at=time.monotonic() + delay,
+                                  retry_in=delay, stale_for=stale_for, retry_at=self.clock() + delay,
                                   last_ok_at=self.last_ok)
         else:
             self.failures = 0
             delay = self.interval
-            self.last_ok = time.monotonic()
+            self.last_ok = self.clock()
             self.publish(snap)
         if self.autopoll and not self.paused:
             self._arm(delay)
@@ -116,7 +118,7 @@ class ConsoleApp(App):
     def publish(self, snap: Snapshot) -> None:
         """Show a snapshot as the current, fresh data (tests feed fixed snapshots through here)."""
         self.stale = False
-        self.published_at = time.monotonic()
+        self.published_at = self.clock()
         self.snapshot = snap
         self.status = replace(self.status, connected=True, error="", failures=0, retry_in=0.0, stale_for=None,
                               retry_at=None, last_ok_at=None,

@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Sparkline, Static
 
-from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, state_text
+from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, route_text, state_text
 from infinilm_svc.client.babysitter import LogLine
 
 from .rows import ServiceRow, Snapshot
@@ -76,6 +76,9 @@ class DetailScreen(Screen):
         t.append(row.name, "bold")
         t.append("  ")
         t.append_text(state_text(row.state, colour))
+        if row.route is not None:
+            t.append("  routed ", "dim")
+            t.append_text(route_text(row.route, colour, self.app.data_age()))  # type: ignore[attr-defined]
         lat = row.latency
         fields = [
             ("address", row.url or row.address), ("babysitter", row.babysitter_url or "-"),

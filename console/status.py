@@ -56,7 +56,7 @@ class StatusBar(Static):
         self.set_interval(1.0, lambda: self._show(self.app.status) if self.app.status.connected is False else None)  # type: ignore[attr-defined]
 
     def _show(self, status: Status) -> None:
-        self.update(status.line())
+        self.update(status.line(self.app.clock()))  # type: ignore[attr-defined]
         self.set_class(status.connected is False, "-error")
         self.set_class(bool(status.connected) and not status.router_errors, "-ok")
         self.set_class(bool(status.connected) and bool(status.router_errors), "-degraded")

@@ -102,9 +102,19 @@ class FakeSource:
         return "ok"
 
 
+class FrozenClock:
+    """A monotonic clock that moves only when a test moves it (ages and countdowns stay put)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make_app(source: FakeSource | None = None) -> ConsoleApp:
-    """An app fed once from the fake source, with no timer (deterministic)."""
-    return ConsoleApp(source or FakeSource(), interval=2.0, autopoll=False)
+    """An app fed once from the fake source, with no timer and a frozen clock (deterministic)."""
+    return ConsoleApp(source or FakeSource(), interval=2.0, autopoll=False, clock=FrozenClock())
 
 
 async def _load(pilot) -> None:
@@ -454,6 +464,7 @@ async def test_heartbeat_ages_tick_between_polls():
     async with app.run_test(size=SIZE) as pilot:
         await _load(pilot)
         assert cell_text(app, "babysitter-a-server", "hb") == "1.2s"
+        app.clock.now += 1.0
 
         async def ticked():
             await pilot.pause()
