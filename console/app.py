@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
 from textual.timer import Timer
 
-from .data import ActionFailed, ServiceRow, Snapshot, backend_target
+from infinilm_svc.client.babysitter import BabysitterError
+
+from .rows import GONE_STATES, ServiceRow, Snapshot, backend_target
 from .status import Status
 
 INTERVALS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -28,20 +30,24 @@ class ConsoleApp(App):
         Binding("p", "pause", "Pause"),
         Binding("plus,equals_sign", "slower", "Slower", show=False),
         Binding("minus", "faster", "Faster", show=False),
+        Binding("R", "reconnect", "Reconnect", show=False),
     ]
 
     snapshot: reactive[Snapshot | None] = reactive(None, always_update=True)
     status: reactive[Status] = reactive(Status(registry=""), always_update=True)
     stale: reactive[bool] = reactive(False)
 
-    def __init__(self, source: Any, interval: float = 2.0, autopoll: bool = True) -> None:
+    def __init__(self, source: Any, interval: float = 2.0, autopoll: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self.clock = clock     # what ages and countdowns are computed against (tests freeze it)
         self.source = source
         self.interval = interval
         self.autopoll = autopoll
         self.paused = False
         self.failures = 0
         self.last_ok: float | None = None
+        self.published_at: float | None = None   # monotonic time the shown snapshot arrived
         self._timer: Timer | None = None
         self.polls = 0
         self.set_reactive(ConsoleApp.status, Status(registry=source.registry_url, interval=interval))
@@ -51,6 +57,18 @@ class ConsoleApp(App):
         if kind == "muted":
             return ""
         return self.theme_variables.get(kind, "")
+
+    def cell_colour(self) -> Callable[[str], str]:
+        """Colours for table cells: stale data loses its green (nothing is known to be fine now)."""
+        if not self.stale:
+            return self.colour
+        return lambda kind: "" if kind == "success" else self.colour(kind)
+
+    def data_age(self) -> float:
+        """Whole seconds since the shown snapshot was taken (ages tick in whole seconds between polls)."""
+        if self.published_at is None:
+            return 0.0
+        return float(int(self.clock() - self.published_at))
 
     def on_mount(self) -> None:
         from .services import ServicesScreen
@@ -84,14 +102,15 @@ class ConsoleApp(App):
         except Exception as exc:  # noqa: BLE001 - every failure is shown in the header and retried
             self.failures += 1
             delay = min(self.interval * 2 ** self.failures, MAX_BACKOFF)
-            stale_for = time.monotonic() - self.last_ok if self.last_ok is not None else None
+            stale_for = self.clock() - self.last_ok if self.last_ok is not None else None
             self.stale = self.snapshot is not None
             self.status = replace(self.status, connected=False, error=str(exc), failures=self.failures,
-                                  retry_in=delay, stale_for=stale_for)
+                                  retry_in=delay, stale_for=stale_for, retry_at=self.clock() + delay,
+                                  last_ok_at=self.last_ok)
         else:
             self.failures = 0
             delay = self.interval
-            self.last_ok = time.monotonic()
+            self.last_ok = self.clock()
             self.publish(snap)
         if self.autopoll and not self.paused:
             self._arm(delay)
@@ -99,10 +118,12 @@ class ConsoleApp(App):
     def publish(self, snap: Snapshot) -> None:
         """Show a snapshot as the current, fresh data (tests feed fixed snapshots through here)."""
         self.stale = False
+        self.published_at = self.clock()
         self.snapshot = snap
         self.status = replace(self.status, connected=True, error="", failures=0, retry_in=0.0, stale_for=None,
-                              services=len(snap.services),
-                              routers=sum(1 for s in snap.services if s.role == "router"),
+                              retry_at=None, last_ok_at=None,
+                              services=snap.registered,
+                              routers=sum(1 for s in snap.services if s.role == "router" and s.state not in GONE_STATES),
                               router_errors=len(snap.router_errors))
 
     def poll_soon(self) -> None:
@@ -116,6 +137,18 @@ class ConsoleApp(App):
         from .dialogs import HelpScreen
 
         self.push_screen(HelpScreen())
+
+    def action_reconnect(self) -> None:
+        """Poll now instead of waiting out the back-off (after the registry came back)."""
+        if self.paused:
+            self.notify("paused: p resumes refreshing", timeout=2)
+            return
+        if self.autopoll:
+            self._arm(0)
+        else:
+            self.run_worker(self.poll_once(), group="poll", exclusive=True, exit_on_error=False)
+        if self.status.connected is False:
+            self.notify("reconnecting now", timeout=1.5)
 
     def action_pause(self) -> None:
         self.paused = not self.paused
@@ -184,7 +217,7 @@ class ConsoleApp(App):
     async def _act(self, name: str, url: str, action: str) -> None:
         try:
             message = await self.source.act(url, action)
-        except ActionFailed as exc:
+        except BabysitterError as exc:
             self.notify(str(exc), title=f"{action} {name} failed", severity="error", timeout=8)
         else:
             self.notify(f"{action} {name}: {message}", title="done")

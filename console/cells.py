@@ -6,25 +6,32 @@ from typing import Callable
 
 from rich.text import Text
 
-from .data import Latency, LogLine, ModelRow, ServiceRow
+from infinilm_svc.client.babysitter import LogLine
+
+from .rows import GONE_STATES, Latency, ModelRow, Route, ServiceRow
 
 # Which theme colour each state gets; the names are Textual theme variables ($success, ...).
 STATE_KIND = {
     "running": "success", "healthy": "success",
     "starting": "warning", "backoff": "warning", "stopping": "warning", "stale": "warning",
-    "fatal": "error", "expired": "error", "stopped": "error", "unknown": "error",
+    "fatal": "error", "expired": "error", "stopped": "error", "unknown": "error", "gone": "muted",
 }
 
 # Colours for plain rich output (--once), matching the default theme's meaning.
 PLAIN_COLOURS = {"success": "green", "warning": "yellow", "error": "red", "muted": "dim"}
 
 SERVICE_COLUMNS: list[tuple[str, str]] = [
-    ("name", "NAME"), ("role", "ROLE"), ("address", "ADDRESS"), ("state", "STATE"), ("hb", "HEARTBEAT"),
+    ("name", "NAME"), ("role", "ROLE"), ("address", "ADDRESS"), ("state", "STATE"), ("route", "ROUTED"),
+    ("hb", "HEARTBEAT"),
     ("restarts", "RESTARTS"), ("models", "MODELS"), ("requests", "REQS"), ("errors", "ERRS"),
     ("in_flight", "INFL"), ("p50", "P50 ms"), ("p90", "P90 ms"), ("p99", "P99 ms"),
 ]
+# What a narrow terminal gives up first (`console --once`); names, states and numbers of requests,
+# errors and requests in flight are never dropped.
+DROP_FIRST = ("p90", "role", "address", "p99", "models", "restarts", "p50", "hb", "backends", "rate", "lost")
+
 MODEL_COLUMNS: list[tuple[str, str]] = [
-    ("name", "MODEL"), ("healthy", "HEALTHY"), ("backends", "BACKENDS"), ("rate", "REQ/S"),
+    ("name", "MODEL"), ("healthy", "HEALTHY"), ("backends", "BACKENDS"), ("lost", "LOST RECENTLY"), ("rate", "REQ/S"),
     ("requests", "REQS"), ("errors", "ERRS"), ("p50", "P50 ms"), ("p99", "P99 ms"),
 ]
 
@@ -71,14 +78,31 @@ def state_text(state: str, colour: Colour) -> Text:
     return Text(state, style=f"bold {colour(state_kind(state))}")
 
 
-def service_cells(row: ServiceRow, colour: Colour) -> dict[str, object]:
-    """The services table's cells for one row, by column key."""
+def route_text(route: Route | None, colour: Colour, elapsed: float = 0.0) -> Text:
+    """Whether the routers route to a backend: `yes`, or `no: why` (an open circuit counts down)."""
+    if route is None:
+        return Text("-", style="dim")
+    if route.ok:
+        return Text("yes", style=colour("success"))
+    why = route.reason
+    if route.retry_in is not None:
+        why += f" {max(0.0, route.retry_in - elapsed):.0f}s"
+    head = "no" if route.routable == 0 else f"{route.routable}/{route.routers}"
+    return Text(f"{head}: {why}", style=colour("error") if route.routable == 0 else colour("warning"))
+
+
+def service_cells(row: ServiceRow, colour: Colour, elapsed: float = 0.0) -> dict[str, object]:
+    """The services table's cells for one row, by column key; `elapsed`: seconds since the poll,
+    added to heartbeat ages and taken from circuit countdowns so they tick between polls."""
     lat: Latency = row.latency
-    age_style = colour("warning") if row.state == "stale" else ""
+    age_style = colour("warning") if row.state in ("stale", "expired") else ""
+    age = row.heartbeat_age + elapsed if row.heartbeat_age is not None else None
     return {
-        "name": row.name, "role": row.role, "address": row.address,
+        "name": Text(row.name, style="dim") if row.state in GONE_STATES else row.name,
+        "role": row.role, "address": row.address,
         "state": state_text(row.state, colour),
-        "hb": Text(fmt_age(row.heartbeat_age), style=age_style, justify="right"),
+        "route": route_text(row.route, colour, elapsed),
+        "hb": Text(fmt_age(age), style=age_style, justify="right"),
         "restarts": Text(fmt_int(row.restarts), justify="right"),
         "models": ",".join(row.models) or "-",
         "requests": Text(fmt_int(row.requests), justify="right"),
@@ -93,11 +117,13 @@ def service_cells(row: ServiceRow, colour: Colour) -> dict[str, object]:
 def model_cells(row: ModelRow, colour: Colour) -> dict[str, object]:
     """The models table's cells for one row, by column key."""
     total = len(row.backends)
-    kind = "success" if row.healthy == total and total else ("warning" if row.healthy else "error")
+    full = row.healthy == total and total and not row.lost
+    kind = "success" if full else ("warning" if row.healthy else "error")
     return {
         "name": row.name,
         "healthy": Text(f"{row.healthy}/{total}", style=f"bold {colour(kind)}", justify="right"),
         "backends": ", ".join(row.backends) or "-",
+        "lost": Text(", ".join(row.lost), style=colour("warning")) if row.lost else Text("-", style="dim"),
         "rate": Text(fmt_rate(row.rate), justify="right"),
         "requests": Text(fmt_int(row.requests), justify="right"),
         "errors": Text(fmt_int(row.errors), style=colour("error") if row.errors else "", justify="right"),

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _poll_once(registry: str):
     import aiohttp
 
-    from .data import Poller
+    from .poller import Poller
 
     async with aiohttp.ClientSession() as session:
         return await Poller(session, registry).poll()
@@ -35,11 +35,8 @@ async def _poll_once(registry: str):
 def print_once(registry: str, out=None) -> int:
     """Print services and models as rich tables; 0 if the registry answered, 1 if not."""
     from rich.console import Console
-    from rich.table import Table
 
     from infinilm_svc.client.registry import RegistryUnavailable
-
-    from .cells import MODEL_COLUMNS, PLAIN_COLOURS, SERVICE_COLUMNS, model_cells, service_cells
 
     console = Console(file=out or sys.stdout)
     if not console.is_terminal and "COLUMNS" not in os.environ:
@@ -50,12 +47,40 @@ def print_once(registry: str, out=None) -> int:
         Console(file=sys.stderr).print(f"[bold red]registry {registry} is unreachable:[/] {exc}", markup=True,
                                        highlight=False)
         return 1
+    print_tables(snap, registry, console)
+    return 0
+
+
+def fitting_columns(columns: list[tuple[str, str]], cells: list[dict[str, object]], width: int) -> list[tuple[str, str]]:
+    """The columns that fit in `width`, dropping the least important first; never a number's column."""
+    from .cells import DROP_FIRST
+
+    def need(key: str, label: str) -> int:
+        return max([len(label), *(len(getattr(c[key], "plain", str(c[key]))) for c in cells)]) + 3  # padding, border
+
+    kept = list(columns)
+    for key in DROP_FIRST:
+        if sum(need(k, lab) for k, lab in kept) + 1 <= width:
+            break
+        kept = [(k, lab) for k, lab in kept if k != key]
+    return kept
+
+
+def print_tables(snap, registry: str, console) -> None:
+    """The services and models tables of one snapshot, fitted to the console's width."""
+    from rich.table import Table
+
+    from .cells import MODEL_COLUMNS, PLAIN_COLOURS, SERVICE_COLUMNS, model_cells, service_cells
+
     def table(title: str, columns: list[tuple[str, str]], cells: list[dict[str, object]]) -> Table:
         out = Table(title=f"{title} ({len(cells)})", title_justify="left")
-        for _, label in columns:
-            out.add_column(label, no_wrap=True)
+        kept = fitting_columns(columns, cells, console.width)
+        for key, label in kept:
+            # Numbers are never cut (their columns are never squeezed); long text folds onto a second line.
+            wraps = key in ("name", "models", "backends", "route")
+            out.add_column(label, no_wrap=not wraps, overflow="fold" if wraps else "ellipsis")
         for row in cells:
-            out.add_row(*(row[k] for k, _ in columns))
+            out.add_row(*(row[k] for k, _ in kept))
         return out
 
     colour = PLAIN_COLOURS.get
@@ -63,7 +88,6 @@ def print_once(registry: str, out=None) -> int:
     console.print(table("models", MODEL_COLUMNS, [model_cells(m, colour) for m in snap.models]))
     for err in snap.router_errors:
         console.print(f"[yellow]router statistics unavailable:[/] {err}", highlight=False)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.once:
         return print_once(args.registry)
     from .app import ConsoleApp
-    from .data import HttpSource
+    from .source import HttpSource
 
     app = ConsoleApp(HttpSource(args.registry, token=args.token), interval=args.interval)
     app.run()

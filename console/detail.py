@@ -8,10 +8,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Label, RichLog, Sparkline, Static
+from textual.widgets import Footer, Label, Sparkline, Static
 
-from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, state_text
-from .data import LogLine, ServiceRow, Snapshot
+from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, route_text, state_text
+from infinilm_svc.client.babysitter import LogLine
+
+from .rows import ServiceRow, Snapshot
+from .logview import LogView
 from .status import StatusBar
 
 RECONNECT_MAX = 10.0
@@ -44,11 +47,14 @@ class DetailScreen(Screen):
                 yield Sparkline([], id="rate")
                 yield Label("latency p50 ms", id="latency-label")
                 yield Sparkline([], id="latency")
-        yield RichLog(id="log", max_lines=5000, wrap=False, markup=False, highlight=False, auto_scroll=True)
+        yield LogView(id="log")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#log", RichLog).border_title = f"log · {self.babysitter_url or 'no babysitter'}"
+        log = self.query_one("#log", LogView)
+        log.border_title = f"log · {self.babysitter_url or 'no babysitter'}"
+        log.refill()
+        log.focus()
         self.watch(self.app, "snapshot", self.show, init=True)
         self.watch(self.app, "stale", lambda stale: self.set_class(stale, "-stale"), init=True)
         if self.babysitter_url:
@@ -70,6 +76,9 @@ class DetailScreen(Screen):
         t.append(row.name, "bold")
         t.append("  ")
         t.append_text(state_text(row.state, colour))
+        if row.route is not None:
+            t.append("  routed ", "dim")
+            t.append_text(route_text(row.route, colour, self.app.data_age()))  # type: ignore[attr-defined]
         lat = row.latency
         fields = [
             ("address", row.url or row.address), ("babysitter", row.babysitter_url or "-"),
@@ -93,10 +102,10 @@ class DetailScreen(Screen):
 
     def _note(self, text: str) -> None:
         colour = self.app.colour  # type: ignore[attr-defined]
-        self.query_one("#log", RichLog).write(Text(f"-- {text} --", style=f"italic {colour('warning')}"))
+        self.query_one("#log", LogView).add(None, Text(f"-- {text} --", style=f"italic {colour('warning')}"))
 
     def write_line(self, line: LogLine) -> None:
-        self.query_one("#log", RichLog).write(log_text(line, self.app.colour))  # type: ignore[attr-defined]
+        self.query_one("#log", LogView).add(line, log_text(line, self.app.colour))  # type: ignore[attr-defined]
 
     async def _follow_log(self) -> None:
         """Follow the babysitter's log stream; reconnect with back-off and skip lines already shown."""
@@ -120,7 +129,7 @@ class DetailScreen(Screen):
             delay = min(delay * 2, RECONNECT_MAX)
 
     def action_clear_log(self) -> None:
-        self.query_one("#log", RichLog).clear()
+        self.query_one("#log", LogView).forget()
 
     def action_act(self, action: str) -> None:
         self.app.confirm_action(self.row, action)  # type: ignore[attr-defined]

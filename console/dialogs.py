@@ -11,13 +11,22 @@ HELP = """\
 [b]Keys[/b]
   [b]?[/b]        this help                 [b]q[/b]      quit
   [b]/[/b]        filter rows               [b]esc[/b]    back / clear filter
-  [b]enter[/b]    backend detail (log)      [b]m[/b]      models view
+  [b]enter[/b]    backend detail (log);     [b]m[/b]      models view
+           on a model: its backends
   [b]s[/b]        sort by next column       [b]S[/b]      reverse the sort
   [b]r[/b]        restart backend           [b]x[/b]      stop backend
   [b]t[/b]        start backend             [b]v[/b]      run validation checks
   [b]p[/b]        pause / resume refresh    [b]+ / -[/b]  slower / faster refresh
+  [b]R[/b]        reconnect now (when the registry was unreachable)
+  [b]^p[/b]       command palette (themes, keys, quit)
+
+[b]Backend detail[/b]
+  [b]↑ ↓ PgUp PgDn Home[/b]  scroll the log back (new lines no longer pull it down)
+  [b]End[/b]      follow the log again      [b]h[/b]      show / hide probe lines
+  [b]c[/b]        clear the log             [b]r x t[/b]  restart / stop / start
 
 Actions go through the backend's babysitter and ask for confirmation first.
+The ROUTED column says whether the routers send requests to a backend, or why not.
 """
 
 

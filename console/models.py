@@ -4,10 +4,10 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import DataTable, Footer
 
 from .cells import MODEL_COLUMNS, model_cells
-from .data import Snapshot
+from .rows import Snapshot
 from .status import StatusBar
 from .table import KeyedTable
 
@@ -15,7 +15,7 @@ from .table import KeyedTable
 class ModelsScreen(Screen):
     """Models and where they run."""
 
-    BINDINGS = [Binding("escape,m", "app.pop_screen", "Back")]
+    BINDINGS = [Binding("escape,m", "app.pop_screen", "Back"), Binding("enter", "backends", "Its backends")]
 
     def __init__(self) -> None:
         super().__init__(id="models-screen")
@@ -33,7 +33,17 @@ class ModelsScreen(Screen):
     def show(self, snapshot: Snapshot | None) -> None:
         if snapshot is None:
             return
-        colour = self.app.colour  # type: ignore[attr-defined]
+        colour = self.app.cell_colour()  # type: ignore[attr-defined]
         table = self.query_one(KeyedTable)
         table.sync({m.name: model_cells(m, colour) for m in snapshot.models})
         table.border_title = f"models [{len(snapshot.models)}]"
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_backends()
+
+    def action_backends(self) -> None:
+        """Back to the services view, filtered to the model under the cursor."""
+        model = self.query_one(KeyedTable).cursor_key
+        self.app.pop_screen()
+        if model:
+            self.app.screen.show_model(model)  # type: ignore[attr-defined]

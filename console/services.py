@@ -9,7 +9,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input
 
 from .cells import SERVICE_COLUMNS, service_cells
-from .data import ServiceRow, Snapshot
+from .rows import ServiceRow, Snapshot
 from .status import StatusBar
 from .table import KeyedTable
 
@@ -59,18 +59,23 @@ class ServicesScreen(Screen):
         self.table.focus()
         self.watch(self.app, "snapshot", self.show, init=True)
         self.watch(self.app, "stale", self._mark_stale, init=True)
+        # Ages and circuit countdowns tick every second between polls.
+        self.set_interval(1.0, lambda: self.show(self.app.snapshot))  # type: ignore[attr-defined]
 
     def _mark_stale(self, stale: bool) -> None:
         self.set_class(stale, "-stale")
+        self.show(self.app.snapshot)  # type: ignore[attr-defined]
 
     def show(self, snapshot: Snapshot | None) -> None:
         """Bring the table up to date with a snapshot (filtered)."""
         if snapshot is None:
             return
-        colour = self.app.colour  # type: ignore[attr-defined]
+        app = self.app
+        colour = app.cell_colour()  # type: ignore[attr-defined]
+        elapsed = app.data_age()  # type: ignore[attr-defined]
         rows = [r for r in snapshot.services if r.matches(self.filter_text)]
         self._rows = {r.name: r for r in snapshot.services}
-        self.table.sync({r.name: service_cells(r, colour) for r in rows})
+        self.table.sync({r.name: service_cells(r, colour, elapsed) for r in rows})
         shown = f"{len(rows)}/{len(snapshot.services)}" if self.filter_text else str(len(rows))
         self.table.border_title = f"services [{shown}]" + (f" filter: {self.filter_text}" if self.filter_text else "")
 
@@ -98,6 +103,15 @@ class ServicesScreen(Screen):
         box = self.query_one("#filter", Input)
         box.add_class("-visible")
         box.focus()
+
+    def show_model(self, model: str) -> None:
+        """Filter to the services of one model (the models view's `enter`)."""
+        box = self.query_one("#filter", Input)
+        box.value = model
+        box.add_class("-visible")
+        self.filter_text = model
+        self.table.focus()
+        self.show(self.app.snapshot)  # type: ignore[attr-defined]
 
     def action_clear_filter(self) -> None:
         box = self.query_one("#filter", Input)

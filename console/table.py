@@ -3,8 +3,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from rich.text import Text
 from textual.widgets import DataTable
-from textual.widgets.data_table import RowKey
+from textual.widgets.data_table import ColumnKey, RowKey
+
+
+def cell_len(value: Any) -> int:
+    """Terminal cells a table cell's text takes on one line."""
+    return value.cell_len if isinstance(value, Text) else Text(str(value)).cell_len
+
+
+def same_cell(a: Any, b: Any) -> bool:
+    """Whether two cell values look the same (rich's Text equality ignores the base style)."""
+    if isinstance(a, Text) and isinstance(b, Text):
+        return a.plain == b.plain and str(a.style) == str(b.style) and a.spans == b.spans and a.justify == b.justify
+    return type(a) is type(b) and a == b
 
 
 class KeyedTable(DataTable):
@@ -48,13 +61,41 @@ class KeyedTable(DataTable):
                 self.add_row(*(cells[c] for c, _ in self.column_spec), key=key)
             else:
                 for c, _ in self.column_spec:
-                    if old.get(c) != cells[c]:
+                    if not same_cell(old.get(c), cells[c]):
                         self.update_cell(key, c, cells[c])
             self._cells[key] = cells
+        self._fit_columns()
         if self.sort_column is not None:
             self.apply_sort()
         if keep is not None and keep in self._cells:
             self.move_cursor(row=self.get_row_index(keep), animate=False)
+
+    def _mark_sort(self) -> None:
+        """The sorting column's header ends in ▲ (ascending) or ▼ (descending)."""
+        for key, label in self.column_spec:
+            column = self.columns.get(ColumnKey(key))
+            if column is not None:
+                arrow = ("▼" if self.sort_reverse else "▲") if key == self.sort_column else ""
+                column.label = Text(f"{label} {arrow}" if arrow else label)
+        self._fit_columns(force=True)
+
+    def _fit_columns(self, force: bool = False) -> None:
+        """Every column as wide as its widest cell: a number is never cut (1,710 never shows as 1,71).
+
+        DataTable widens columns lazily and can render rows with the old widths; setting the widths
+        here, with the caches dropped, makes the next frame exact.
+        """
+        changed = force
+        for column in self.columns.values():
+            key = column.key.value
+            widest = max([cell_len(column.label), *(cell_len(c[key]) for c in self._cells.values())])
+            if column.content_width != widest:
+                column.content_width = widest
+                changed = True
+        if changed:
+            self._require_update_dimensions = True
+            self._clear_caches()
+            self.refresh()
 
     def apply_sort(self) -> None:
         if self.sort_column is None or not self.row_count:
@@ -67,6 +108,7 @@ class KeyedTable(DataTable):
         """Sort by a column (keeps the cursor on its row)."""
         keep = self.cursor_key
         self.sort_column, self.sort_reverse = column, reverse
+        self._mark_sort()
         self.apply_sort()
         if keep is not None and keep in self._cells:
             self.move_cursor(row=self.get_row_index(keep), animate=False)

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from .data import Snapshot
+from .rows import GONE_STATES, Snapshot
 from .status import StatusBar
 from .table import KeyedTable
 
@@ -22,7 +22,7 @@ def validate_options(module: Any, registry: str, token: str | None, snapshot: Sn
     kw: dict[str, Any] = {"registry": registry, "token": token}
     expected_cls = getattr(module, "ExpectedService", None)
     if snapshot is not None and expected_cls is not None:
-        sitters = [r for r in snapshot.services if r.role == "babysitter" and r.state != "expired"]
+        sitters = [r for r in snapshot.services if r.role == "babysitter" and r.state not in GONE_STATES]
         if sitters:
             kw["expect_services"] = tuple(expected_cls(r.name, r.models) for r in sitters)
             hosts = {r.host for r in snapshot.services if r.role in ("babysitter", "backend")}
@@ -65,17 +65,20 @@ class ValidationScreen(Screen):
             return
         status.update(f"running the checks against {options.registry} …")
         rows: dict[str, dict[str, Any]] = {}
-        passed = failed = 0
+        passed = failed = skipped = 0
         started = last = time.monotonic()
         try:
             async for result in run_checks(options):
                 now = time.monotonic()
                 ok = bool(result.passed)
+                ran = getattr(result, "ran", True)
                 passed += ok
-                failed += not ok
+                failed += ran and not ok
+                skipped += not ran
+                kind = "success" if ok else ("error" if ran else "warning")
                 rows[str(result.number)] = {
                     "number": str(result.number), "name": result.name,
-                    "result": Text("PASS" if ok else "FAIL", style=f"bold {colour('success' if ok else 'error')}"),
+                    "result": Text("PASS" if ok else ("FAIL" if ran else "SKIP"), style=f"bold {colour(kind)}"),
                     "detail": result.detail, "took": f"{now - last:.1f}s",
                 }
                 last = now
@@ -84,6 +87,7 @@ class ValidationScreen(Screen):
         except Exception as exc:  # noqa: BLE001 - a crash in the checks is shown, not fatal to the console
             status.update(Text(f"the checks stopped: {type(exc).__name__}: {exc}", style=colour("error")))
             return
-        kind = "success" if failed == 0 and passed else "error"
-        status.update(Text(f"done in {time.monotonic() - started:.1f}s: {passed} passed, {failed} failed",
+        kind = "success" if failed == skipped == 0 and passed else "error"
+        not_run = f", {skipped} not run" if skipped else ""
+        status.update(Text(f"done in {time.monotonic() - started:.1f}s: {passed} passed, {failed} failed{not_run}",
                            style=f"bold {colour(kind)}"))

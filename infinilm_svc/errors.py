@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 from aiohttp import web
 
+from .wire import dumps
+
 log = logging.getLogger(__name__)
 
 # Status -> OpenAI-style error type, for errors raised as aiohttp HTTP exceptions.
@@ -44,7 +46,7 @@ def error_response(
         type_ = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return web.Response(
         status=status,
-        text=json.dumps(error_body(message, type_, code, **extra)),
+        text=dumps(error_body(message, type_, code, **extra)),
         content_type="application/json",
         headers=headers,
     )

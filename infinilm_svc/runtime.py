@@ -8,7 +8,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -192,8 +192,12 @@ async def start_app(hosted: HostedApp, idle_timeout: float = IDLE_TIMEOUT) -> Ap
     return runner
 
 
-async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None) -> int:
-    """Start every app in order, wait for a stop signal, then shut them down in reverse order."""
+async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None,
+                on_listening: Callable[[], None] | None = None) -> int:
+    """Start every app in order, wait for a stop signal, then shut them down in reverse order.
+
+    `on_listening` runs once every app listens (so a "serving on ..." line is never a promise).
+    """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     signals_seen = 0
@@ -228,6 +232,8 @@ async def serve(apps: list[HostedApp], stop: asyncio.Event | None = None) -> int
     try:
         for hosted in apps:
             runners.append(await start_app(hosted))
+        if on_listening is not None:
+            on_listening()
         await stop.wait()
     except StartupError as exc:
         log.error("%s", exc)

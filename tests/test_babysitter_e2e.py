@@ -71,7 +71,7 @@ def _write_config(tmp_path, name: str, port: int, reg: int, policy: str, backend
 def test_upstream_config_with_command_running_the_pyz_mock(procs, pyz_path, tmp_path):
     reg = _registry(procs, tmp_path)
     port = free_port(pair=True)
-    # Only upstream keys (reference §3.2); --bind on the command line keeps it on loopback.
+    # Only keys of upstream's babysitter file; --bind on the command line keeps it on loopback.
     cfg = _write_config(tmp_path, "babysitter-a", port, reg, top='router_url = "http://127.0.0.1:8000"\n',
                         policy="max_restarts = 10000\nrestart_delay = 0.1\nheartbeat_interval = 0.3\n",
                         backend=f'''type = "command"

@@ -46,6 +46,14 @@ def test_inline_env_and_default_name_follow_upstream():
     assert dict(b.backend.env) == {"CUDA_VISIBLE_DEVICES": "0"}
 
 
+def test_the_demo_mocks_are_named_as_upstreams_demo_names_them():
+    """babysitter-a..d run mock-service-a..d (upstream's validate.sh greps answers for mock-service-[ac])."""
+    demo = Path(__file__).parent.parent / "demo" / "integration-validation" / "config"
+    for x in "abcd":
+        (b,) = load_config_files([demo / f"babysitter-{x}.toml"]).babysitters
+        assert (b.service_name, b.backend.mock_name) == (f"babysitter-{x}", f"mock-service-{x}")
+
+
 def test_mock_backend_type_and_defaults():
     (b,) = load_config_files([UP / "mock-type.toml"]).babysitters
     assert b.backend.models == ("model-a", "model-b", "model-c")
@@ -90,12 +98,54 @@ def test_three_mistakes_are_all_reported_with_file_key_and_line():
     ("[registry\nport = 1\n", "invalid TOML"),
     ("[router]\nport = 8000\n", "needs registry_url or static_services"),
     ("nothing = 1\n", "declares no role"),
+    ('port = 8100\n[backend]\ntype = "command"\ncommand = "x"\nmock_name = "m"\n', 'mock_name is the non-empty name of a type = "mock" backend'),
     ('[registry]\nport = 18000\n[router]\nport = 18000\nregistry_url = "http://127.0.0.1:18000"\n', "also used by the registry"),
 ])
 def test_each_mistake_gets_a_clear_message(tmp_path, text, expected):
     msgs = problems_of(tmp_path, text)
     assert any(expected in m for m in msgs), msgs
     assert all(m.startswith(str(tmp_path / "c.toml")) or m.startswith("[") for m in msgs), msgs
+
+
+def test_problems_are_reported_in_file_and_line_order():
+    """check-config lists problems as a reader meets them: by line (the README shows this order)."""
+    with pytest.raises(ConfigError) as exc:
+        load_config_files([FIX / "node-three-mistakes.toml"])
+    assert [(p.line, p.key) for p in exc.value.problems] == [
+        (3, "registry.port"), (4, "registry.heartbeat_tll"), (8, "router.retries")]
+
+
+def test_a_listed_babysitter_file_that_does_not_exist_is_reported_at_the_node_files_line(tmp_path):
+    node = tmp_path / "node.toml"
+    node.write_text('babysitters = ["a.toml", "missing.toml"]\n[registry]\nport = 70000\n')
+    (tmp_path / "a.toml").write_text((UP / "mock-type.toml").read_text())
+    msgs = problems_of(tmp_path, node.read_text(), "node.toml")
+    assert msgs[0].startswith(f"{node}:1: babysitters: 'missing.toml': no such babysitter file"), msgs
+    assert msgs[1].startswith(f"{node}:3: registry.port"), msgs
+
+
+def test_babysitters_after_a_table_says_it_must_come_before_the_first_table(tmp_path):
+    """In TOML `babysitters = [...]` after [router] is a router key; the message says where it belongs."""
+    msgs = problems_of(tmp_path, '[router]\nport = 8000\nregistry_url = "http://127.0.0.1:18000"\n'
+                                 'babysitters = ["a.toml"]\n')
+    assert msgs == [f"{tmp_path / 'c.toml'}:4: router.babysitters: babysitters = [...] must come before the first "
+                    "table: written after [router], TOML reads it as a key of [router]"]
+
+
+def test_the_readme_node_file_example_is_valid(tmp_path):
+    """The node file the README shows loads as what it says (babysitters listed, registry, router)."""
+    import re
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"A \*\*node file\*\*.*?```toml\n(.*?)```", readme, re.S).group(1)
+    assert "babysitters" in block
+    with pytest.raises(ConfigError) as exc:     # its babysitter files are not here: only that is wrong
+        load_config_files([_write(tmp_path, block)])
+    assert all("no such babysitter file" in p.message for p in exc.value.problems), exc.value.problems
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "node.toml").write_text(text)
+    return tmp_path / "node.toml"
 
 
 def test_missing_file_is_a_problem_not_a_crash(tmp_path):

@@ -24,7 +24,7 @@ def test_console_imports_no_server_role():
     """Importing every console module pulls in no registry/router/babysitter/mock module."""
     r = _python("""
         import sys
-        import console.app, console.cli, console.data, console.services, console.models
+        import console.app, console.cli, console.poller, console.rows, console.source, console.services, console.models
         import console.detail, console.validation, console.dialogs
         bad = sorted(m for m in sys.modules if m.split('.')[:2] in (['infinilm_svc', 'registry'],
                      ['infinilm_svc', 'router'], ['infinilm_svc', 'babysitter'], ['infinilm_svc', 'mock']))
@@ -129,7 +129,7 @@ def test_stylesheet_ships_and_loads_inside_the_pyz(pyz_path, tmp_path):
     script = tmp_path / "headless.py"
     script.write_text(textwrap.dedent("""
         import asyncio, console.app
-        from console.data import Snapshot
+        from console.rows import Snapshot
         class Source:
             registry_url = "http://127.0.0.1:1"
             async def poll(self):
@@ -148,3 +148,26 @@ def test_stylesheet_ships_and_loads_inside_the_pyz(pyz_path, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "DOCK top FILTER none" in r.stdout
     assert str(ROOT) not in r.stdout      # it ran the console from inside the pyz, not the source tree
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_once_on_a_narrow_terminal_drops_columns_never_numbers(width):
+    """At 80-120 columns REQS, ERRS and INFL keep every digit; less important columns go first."""
+    import io
+
+    from rich.console import Console
+
+    from console.cli import print_tables
+    from test_console_views import fake_snapshot
+
+    out = io.StringIO()
+    print_tables(fake_snapshot(), "http://127.0.0.2:18000", Console(file=out, width=width, color_system=None))
+    text = out.getvalue()
+    assert max(len(ln) for ln in text.splitlines()) <= width, text
+    for header in ("NAME", "STATE", "REQS", "ERRS", "INFL"):
+        assert header in text, text
+    lines = text.splitlines()
+    header = next(ln for ln in lines if "REQS" in ln)
+    row = next(ln for ln in lines if "babysitter-a-server" in ln)
+    cells = dict(zip((c.strip() for c in header.split("┃")), (c.strip() for c in row.split("│"))))
+    assert (cells["REQS"], cells["ERRS"], cells["INFL"]) == ("17,102", "2", "1"), text

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for
 from console_pilot import ask_action
 from console.app import ConsoleApp
-from console.data import HttpSource
+from console.source import HttpSource
 
 HOST = "127.0.0.1"
 TOKEN = "console-test-token"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -212,4 +213,87 @@ def test_ha_demo_validates_through_any_registry_and_after_losing_a_server(pyz_pa
     finally:
         subprocess.run([str(HA / "stop-all.sh")], env=env, capture_output=True, timeout=120)
         for line in _processes_using(ips):
+
+
+def _raw(method: str, url: str, body: dict | None = None) -> str:
+    """A response body as text, the way upstream's scripts see it through curl."""
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _chat(s1: str, model: str) -> str:
+    return _raw("POST", f"http://{s1}:8000/v1/chat/completions",
+                {"model": model, "messages": [{"role": "user", "content": "Hello"}], "stream": False})
+
+
+NAME_FIELD = re.compile(r'"name":"[^"]*"')   # upstream validate.sh: grep -o '"name":"[^"]*"'
+
+
+def test_upstream_validate_sh_parsing_passes_and_validate_passes_right_after_a_restart(pyz_path, tmp_path):
+    """Upstream's validate.sh checks, parsed its way (compact JSON, mock-service-X answers), pass against
+    the demo; a backend its babysitter restarted after a crash is routed again at once, so a validate
+    run right away passes."""
+    s1, s2 = _two_addresses()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "INFINILM_PYZ": str(pyz_path), "INFINILM_PYTHON": sys.executable,
+           "COLUMNS": "200", "READY_TIMEOUT": "30", "VALIDATE_WAIT": "20"}
+    try:
+        first = _run("run-local.sh", s1, s2, env=env, timeout=90)
+        assert first.returncode == 0, first.stdout + first.stderr
+        # 3. service discovery: at least 4 "name" fields in the registry's /services.
+        names = NAME_FIELD.findall(_raw("GET", f"http://{s1}:18000/services"))
+        assert len(names) >= 8 and '"name":"babysitter-a-server"' in names, names
+        # 4. model aggregation: /models names both models.
+        models = _raw("GET", f"http://{s1}:8000/models")
+        assert '"id":"model-1"' in models and '"id":"model-2"' in models, models
+        # 5, 6. chat: the answer names the model and a mock-service.
+        for model in ("model-1", "model-2"):
+            answer = _chat(s1, model)
+            assert model in answer and "mock-service" in answer, answer
+        # 7. load balancing: each model-1 answer comes from mock-service-a or -c; both take turns.
+        seen = set()
+        for _ in range(4):
+            m = re.search(r"mock-service-[ac]", _chat(s1, "model-1"))
+            assert m, "a model-1 answer names neither mock-service-a nor mock-service-c"
+            seen.add(m.group(0))
+        assert seen == {"mock-service-a", "mock-service-c"}
+
+        # Backend C crashes while requests come in, and its babysitter restarts it. To let requests
+        # reach the dead port before anyone notices, server 2 (babysitters C and D) is paused
+        # meanwhile: the router opens C's circuit (10 s in the demo).
+        def record(name: str) -> dict:
+            return http_get_json(f"http://{s1}:18000/services/{name}")[1]
+
+        def circuit(name: str) -> str:
+            _, stats = http_get_json(f"http://{s1}:8000/stats")
+            return next(b["circuit"] for b in stats["services"] if b["name"] == name)
+
+        server2 = int((run_dir / "server2.pid").read_text().split()[0])
+        old_pid = record("babysitter-c-server")["metadata"]["pid"]
+        os.kill(server2, signal.SIGSTOP)
+        try:
+            os.kill(old_pid, signal.SIGKILL)
+            for _ in range(4):
+                assert "mock-service-a" in _chat(s1, "model-1")     # C refuses; the router retries on A
+            assert circuit("babysitter-c-server") == "open"
+        finally:
+            os.kill(server2, signal.SIGCONT)
+
+        def restarted() -> bool:
+            rec = record("babysitter-c-server")
+            return rec["status"] == "running" and rec["metadata"]["pid"] not in (None, old_pid)
+        wait_for(restarted, timeout=30, interval=0.1, what="babysitter C to restart its backend")
+        # At once, while the old process's cool-down would still run: validate passes (check 7
+        # needs C to take its share of model-1), because the new process starts with a closed circuit.
+        again = _run("validate.sh", s1, "--json", env=env, timeout=90)
+        assert again.stdout.startswith("{"), again.stdout + again.stderr
+        checks = json.loads(again.stdout)["checks"]
+        assert again.returncode == 0, [c for c in checks if not c["passed"]]
+    finally:
+        subprocess.run([str(DEMO / "stop-all.sh")], env=env, capture_output=True, timeout=60)
+        for line in _processes_using((s1, s2)):
             os.kill(int(line.split(":")[0]), signal.SIGKILL)

@@ -122,6 +122,33 @@ async def test_errors_use_the_openai_envelope(aiohttp_client, path, body, status
     assert err["code"] == code and err["message"] and err["type"]
 
 
+@pytest.mark.parametrize("path,body,message", [
+    ("/v1/chat/completions", {"model": "model-1", "messages": "hi"}, "messages must be a non-empty array, got a string"),
+    ("/v1/chat/completions", {"model": "model-1", "messages": []}, "messages must be a non-empty array, got an empty array"),
+    ("/v1/chat/completions", {"model": "model-1", "messages": {"role": "user"}}, "messages must be a non-empty array, got an object"),
+    ("/v1/completions", {"model": "model-1", "prompt": 7}, "prompt must be a string or an array, got a number"),
+])
+async def test_a_field_of_the_wrong_type_is_not_called_missing(aiohttp_client, path, body, message):
+    """A present field of the wrong type says what it must be, not that it is missing."""
+    client = await make_client(aiohttp_client)
+    resp = await client.post(path, json=body)
+    err = (await resp.json())["error"]
+    assert resp.status == 400
+    assert err["message"] == message and err["code"] == "invalid_value"
+
+
+async def test_answers_are_compact_json(aiohttp_client):
+    """No space after `:` or `,`, as upstream's services write it (its scripts grep `"name":"...`)."""
+    client = await make_client(aiohttp_client)
+    chat = await (await client.post("/v1/chat/completions",
+                                    json={"model": "model-1", "messages": [{"role": "user", "content": "x"}]})).text()
+    models = await (await client.get("/v1/models")).text()
+    error = await (await client.post("/v1/chat/completions", json={"model": "nope", "messages": []})).text()
+    for text in (chat, models, error):
+        assert '": ' not in text and '", "' not in text, text
+    assert '"object":"chat.completion"' in chat and '"id":"model-1"' in models and '"error":{' in error
+
+
 async def test_fail_rate_one_answers_500(aiohttp_client):
     client = await make_client(aiohttp_client, fail_rate=1.0)
     resp = await client.post("/v1/completions", json={"model": "model-1", "prompt": "x"})
@@ -178,6 +205,25 @@ def test_hang_after_stops_answering_but_keeps_running(procs):
     assert proc.poll() is None
     out = procs.output(proc)
     assert "waiting 0.2 s before listening" in out and "hanging after 1 requests" in out
+
+
+def test_serving_is_printed_only_once_listening(procs):
+    """A mock that cannot bind its port says why and never claims to be serving."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = _mock(procs, port)
+        assert proc.wait(timeout=20) == 1
+    out = procs.output(proc)
+    assert "cannot listen on 127.0.0.1" in out
+    assert "serving" not in out
+    port = free_port()
+    proc = _mock(procs, port)
+    wait_for(lambda: "mock mock-p: serving model-1 on http://127.0.0.1:" in procs.output(proc), what="serving line")
+    assert http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200
 
 
 def test_the_openai_sdk_talks_to_the_mock(procs):

@@ -238,3 +238,16 @@ async def test_unknown_endpoint_and_method_get_the_envelope(client):
     assert r.status == 404 and "error" in await r.json()
     r = await client.patch("/services")
     assert r.status == 405 and "not allowed" in (await r.json())["error"]["message"]
+
+
+async def test_answers_are_compact_json_as_upstream_scripts_grep_them(client):
+    """`grep -o '"name":"[^"]*"'` (upstream's validate.sh) finds every record; errors are compact too."""
+    import re
+
+    for name in ("svc-a", "svc-b"):
+        assert (await client.post("/services", json=rec(name))).status == 201
+    text = await (await client.get("/services")).text()
+    assert re.findall(r'"name":"[^"]*"', text) == ['"name":"svc-a"', '"name":"svc-b"']
+    assert '": ' not in text
+    error = await (await client.get("/services/nope")).text()
+    assert error.startswith('{"error":{"message":'), error

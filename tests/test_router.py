@@ -346,3 +346,68 @@ async def test_an_unexpected_error_is_answered_in_the_envelope_on_every_route(de
                                                "code": None}
     status, data, _ = await dep.get("/health")
     assert status == 500 and data["error"]["type"] == "server_error"
+
+
+async def _open_circuit(dep, name: str) -> dict:
+    """Fail requests to `name` until its circuit opens; its /services entry then."""
+    async def opened():
+        await dep.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        _, services, _ = await dep.get("/services")
+        entry = next(s for s in services["services"] if s["name"] == name)
+        return entry if entry["circuit"] == "open" else None
+    return await async_wait_for(opened, timeout=10, what=f"{name}'s circuit open")
+
+
+async def _router_caught_up(dep) -> None:
+    """Wait until the router has seen everything the registry holds now."""
+    _, index = await dep.registry.services()
+
+    async def seen():
+        _, health, _ = await dep.get("/health")
+        return health["registry"]["index"] >= index
+    await async_wait_for(seen, timeout=10, what=f"the router at registry index {index}")
+
+
+async def _circuit(dep, name: str) -> str:
+    _, services, _ = await dep.get("/services")
+    return next(s for s in services["services"] if s["name"] == name)["circuit"]
+
+
+async def test_a_new_incarnation_of_a_backend_starts_with_a_closed_circuit(dep):
+    """A restarted backend (new pid in its record) is not kept out for the old process's cool-down."""
+    port = await dep.start_mock("flaky", ["m"], register=False, fail_rate=1.0)
+    await dep.register("flaky", port, ["m"], pid=100, restarts=0, started_at=1.0)
+    await dep.start_router(eject_cooldown=600)
+    await dep.wait_routable(1)
+    entry = await _open_circuit(dep, "flaky")
+    assert 500 < entry["circuit_retry_in"] <= 600            # /services says how long it stays open
+    # A heartbeat from the same process changes nothing: the circuit stays open.
+    await dep.registry.heartbeat("flaky", status="running",
+                                 metadata={"pid": 100, "restarts": 0, "started_at": 1.0, "note": "same process"})
+    await _router_caught_up(dep)
+    assert await _circuit(dep, "flaky") == "open"
+    # Its babysitter restarted it: new pid and restart count.
+    await dep.registry.heartbeat("flaky", status="running", metadata={"pid": 200, "restarts": 1, "started_at": 9.0})
+
+    async def closed():
+        return await _circuit(dep, "flaky") == "closed"
+    await async_wait_for(closed, timeout=10, what="the circuit of the new incarnation closed")
+    _, services, _ = await dep.get("/services")
+    entry = services["services"][0]
+    assert entry["healthy"] is True and entry["circuit_retry_in"] is None
+
+
+async def test_back_to_running_after_a_stop_starts_with_a_closed_circuit(dep):
+    """Status back to `running` after any other state drops the old verdicts too."""
+    port = await dep.start_mock("flaky", ["m"], register=False, fail_rate=1.0)
+    await dep.register("flaky", port, ["m"])
+    await dep.start_router(eject_cooldown=600)
+    await dep.wait_routable(1)
+    await _open_circuit(dep, "flaky")
+    await dep.registry.heartbeat("flaky", status="stopped")
+    await dep.wait_routable(0, total=1)
+    await _router_caught_up(dep)
+    assert await _circuit(dep, "flaky") == "open"
+    await dep.registry.heartbeat("flaky", status="running")
+    await dep.wait_routable(1)
+    assert await _circuit(dep, "flaky") == "closed"

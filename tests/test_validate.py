@@ -349,7 +349,7 @@ def test_unreachable_deployment_exits_1_with_table_and_json(capsys):
     assert validate.main(["--registry", url, "--router", url, "--timeout", "2", "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert (data["passed"], data["failed"]) == (0, 9)
-    assert data["checks"][0] == {"number": 1, "name": "registry health", "passed": False,
+    assert data["checks"][0] == {"number": 1, "name": "registry health", "passed": False, "ran": True,
                                  "detail": data["checks"][0]["detail"]}
     assert "cannot reach the registry" in data["checks"][0]["detail"]
 
@@ -387,3 +387,19 @@ async def test_a_registry_list_is_validated_through_the_first_that_answers(deplo
     results = await collect(ValidateOptions(registry=f"{dead},{deployment.registry_url}", timeout=5))
     assert results[1].passed and deployment.registry_url in results[1].detail, _table(results)
     assert f"validate: registry {dead}" in capsys.readouterr().err
+
+
+def test_an_unreachable_registry_is_said_once_and_the_checks_that_need_it_are_not_run(capsys):
+    """Without --router, the connection error shows once (check 1); checks 2-9 say they were not run."""
+    url = f"http://127.0.0.1:{_dead_port()}"
+    assert validate.main(["--registry", url, "--timeout", "2"]) == 1
+    text = capsys.readouterr().out
+    assert text.count("cannot reach the registry") == 1 and "connection refused" in text
+    assert text.count("Cannot connect") == 0
+    rows = [ln for ln in text.splitlines() if ln[:3].strip().isdigit()]
+    assert len(rows) == 9 and all("SKIP" in ln and "not run" in ln for ln in rows[1:]), rows
+    assert text.splitlines()[-1] == "0 passed, 1 failed, 8 not run"
+    assert validate.main(["--registry", url, "--timeout", "2", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert (data["passed"], data["failed"], data["not_run"]) == (0, 1, 8)
+    assert [c["ran"] for c in data["checks"]] == [True] + [False] * 8

@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from infinilm_svc.client.babysitter import BabysitterClient
 from infinilm_svc.client.registry import RegistryClient
 from infinilm_svc.config import RegistryConfig, RouterConfig
 from infinilm_svc.registry.app import create_app as create_registry
@@ -79,7 +80,8 @@ async def deploy(aiohttp_server, runners: list, backend_app: web.Application) ->
 
 async def run_chat(registry_url: str, router_url: str, stream: bool):
     async with aiohttp.ClientSession() as session:
-        run = Run(options=ValidateOptions(registry=registry_url, router=router_url, timeout=5), session=session)
+        run = Run(options=ValidateOptions(registry=registry_url, router=router_url, timeout=5), session=session,
+                  babysitters=BabysitterClient(session))
         run.router = router_url
         await refresh_records(run)
         return await chat(run, "model-x", stream, "attr")

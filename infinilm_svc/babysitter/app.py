@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -16,6 +15,7 @@ from ..background import TaskSupervisor
 from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware, expect_continue
 from ..runtime import FORCE_EXIT_HOOKS
+from ..wire import dumps, json_response
 from .logbook import LogBook, LogLine, RotatingLogFile
 from .metrics import make_metrics
 from .registration import Registration
@@ -82,12 +82,12 @@ def _health_body(request: web.Request) -> dict:
 
 async def health(request: web.Request) -> web.Response:
     body = _health_body(request)
-    return web.json_response(body, status=200 if body["infinilm_server_running"] else 503)
+    return json_response(body, status=200 if body["infinilm_server_running"] else 503)
 
 
 async def info(request: web.Request) -> web.Response:
     config, sup = request.app[CONFIG], request.app[SUPERVISOR]
-    return web.json_response({
+    return json_response({
         "name": config.service_name, "host": config.host, "port": config.api_port,
         "url": f"http://{config.host}:{config.api_port}", "service_type": config.backend.type,
         "infinilm_server_port": config.port if sup.state == RUNNING else None,
@@ -105,7 +105,7 @@ async def status(request: web.Request) -> web.Response:
         "registered": reg.registered, "last_ok": reg.last_ok, "last_error": reg.last_error,
         "heartbeat_interval": reg.interval, "heartbeat_ttl": reg.client.heartbeat_ttl, "warning": reg.ttl_warning,
         "overwritten": reg.overwritten}
-    return web.json_response(body)
+    return json_response(body)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -114,9 +114,9 @@ async def models(request: web.Request) -> web.Response:
     for path in ("/v1/models", "/models"):
         body = await sup.get_json(path)
         if body is not None:
-            return web.json_response(body)
+            return json_response(body)
     if sup.config.backend.health_path and sup.models_list and sup.state == RUNNING:
-        return web.json_response({"object": "list", "data": sup.models_list})
+        return json_response({"object": "list", "data": sup.models_list})
     raise ApiError(503, f"backend is {sup.state} and does not answer its model list", "server_error",
                    code="backend_unavailable")
 
@@ -133,7 +133,7 @@ async def _command(request: web.Request, what: str) -> web.Response:
     sup.logbook.marker(f"{what} requested over HTTP")
     getattr(sup, f"request_{what}")()
     await asyncio.sleep(0)  # let the supervisor take the request before answering
-    return web.json_response({"message": f"{what} requested", "name": sup.config.service_name,
+    return json_response({"message": f"{what} requested", "name": sup.config.service_name,
                               "state": sup.state}, status=202)
 
 
@@ -166,7 +166,7 @@ FOLLOW_WRITE_TIMEOUT = 60.0   # seconds a /logs follower may leave a write unrea
 
 
 def _sse(entry: LogLine) -> bytes:
-    return b"data: " + json.dumps(entry.as_dict()).encode() + b"\n\n"
+    return b"data: " + dumps(entry.as_dict()).encode() + b"\n\n"
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
@@ -175,7 +175,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     follow = request.query.get("follow", "").lower() in ("1", "true", "yes")
     if not follow:
         tail = _int_param(request, "tail", 100)
-        return web.json_response({"name": book.name, "lines": [e.as_dict() for e in book.tail(tail)]})
+        return json_response({"name": book.name, "lines": [e.as_dict() for e in book.tail(tail)]})
     tail = _int_param(request, "tail", 0)
     lines, follower = book.follow(tail)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

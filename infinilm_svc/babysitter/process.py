@@ -30,13 +30,13 @@ def probe_host(config: BabysitterConfig) -> str:
 
 
 def launch_spec(config: BabysitterConfig) -> LaunchSpec:
-    """The backend's command line for each backend type (reference §3.2, with `args` never re-split)."""
+    """The backend's command line for each backend type (as upstream builds it, with `args` never re-split)."""
     b = config.backend
     port = str(config.port)
     listen = config.bind or "0.0.0.0"
     args = list(b.args)
     if b.type == "mock":
-        argv = self_command() + ["mock", "--name", config.service_name, "--port", port,
+        argv = self_command() + ["mock", "--name", b.mock_name or config.service_name, "--port", port,
                                  "--models", ",".join(b.models), "--host", listen, *b.mock_options, *args]
     elif b.type == "command":
         argv = shlex.split(b.command or "") + args

@@ -62,6 +62,9 @@ class Registration:
             "restarts": s.restarts, "pid": s.pid,
             "started_at": round(proc.started_at, 3) if proc is not None else None,
         }
+        if self.config.backend.type == "mock":
+            # Who answers "Hello from <name>": lets validate tell which backend served a request.
+            meta["mock_name"] = self.config.backend.mock_name or self.config.service_name
         meta.update(dict(self.config.metadata))  # the config's [metadata] wins (upstream)
         return meta
 

@@ -1,4 +1,4 @@
-"""An upstream babysitter file (reference §3.2), accepted unchanged, plus our optional keys."""
+"""An upstream babysitter file, accepted unchanged, plus our optional keys."""
 from __future__ import annotations
 
 import shlex
@@ -68,6 +68,7 @@ class BackendConfig:
     model_path: str | None = None     # infinilm
     health_path: str | None = None    # readiness/liveness path for backends with no model list
     mock_options: tuple[str, ...] = ()  # extra `mock` flags for type = "mock" (e.g. ["--latency", "0.1"])
+    mock_name: str | None = None      # the name a mock answers with (default: the babysitter's name)
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -84,6 +85,8 @@ class BackendConfig:
                     out.append(("command", f"cannot split command: {exc}"))
         if self.health_path and not self.models:
             out.append(("health_path", 'health_path is for a backend without a model list: it needs models = ["..."]'))
+        if self.mock_name is not None and (self.type != "mock" or not self.mock_name.strip()):
+            out.append(("mock_name", 'mock_name is the non-empty name of a type = "mock" backend'))
         if self.type == "mock" and not self.models:
             out.append(("models", 'type = "mock" needs models = ["..."]'))
         if self.type == "vllm" and not self.model:

@@ -60,6 +60,7 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path]) -> NodeConfi
         if key not in ("registry", "router", "babysitters"):
             src.problem((key,), "unknown key (known keys here: babysitters, registry, router)")
     registry = router = None
+    first = len(problems)
     if "registry" in data:
         r = load_table(RegistryConfig, data["registry"], src, ("registry",)) if isinstance(data["registry"], dict) else None
         if r is None:
@@ -72,6 +73,12 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path]) -> NodeConfi
         router = None if r is None or is_missing(r) else r
         if router is not None and router.static_services and not os.path.isabs(router.static_services):
             router = replace(router, static_services=str((path.parent / router.static_services).resolve()))
+    for i in range(first, len(problems)):
+        # `babysitters = [...]` written after a table belongs to that table in TOML.
+        if problems[i].key in ("registry.babysitters", "router.babysitters"):
+            table = problems[i].key.split(".")[0]
+            problems[i] = replace(problems[i], message=f"babysitters = [...] must come before the first table: "
+                                                       f"written after [{table}], TOML reads it as a key of [{table}]")
     babysitters: list[BabysitterConfig] = []
     files = [str(path)]
     if "babysitters" in data:
@@ -81,6 +88,10 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path]) -> NodeConfi
         else:
             for entry in entries:
                 child = (path.parent / entry)
+                if not child.is_file():
+                    # Reported at the node file's line that names it: that is where the mistake is.
+                    src.problem(("babysitters",), f"{entry!r}: no such babysitter file ({child})")
+                    continue
                 sub_src, sub = Source.read(child, problems)
                 if sub is None:
                     continue
@@ -96,6 +107,12 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path]) -> NodeConfi
                     babysitters.append(b)
                     files.append(str(child))
     return NodeConfig(registry=registry, router=router, babysitters=tuple(babysitters), files=tuple(files))
+
+
+def in_file_order(problems: list[Problem]) -> list[Problem]:
+    """Problems by file (in the order the files were read) and then by line, as a reader goes through them."""
+    rank = {f: i for i, f in enumerate(dict.fromkeys(p.file for p in problems))}
+    return sorted(problems, key=lambda p: (rank[p.file], p.line or 0))
 
 
 def load_config_files(paths: Iterable[str | os.PathLike[str]]) -> NodeConfig:
@@ -119,7 +136,7 @@ def load_config_files(paths: Iterable[str | os.PathLike[str]]) -> NodeConfig:
         files.extend(node.files)
     _check_collisions(registry, router, babysitters, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(in_file_order(problems))
     return NodeConfig(registry=registry, router=router, babysitters=tuple(babysitters), files=tuple(files))
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import ApiError, error_response, expect_continue, read_json_object
+from ..wire import dumps, json_response
 from .options import MockOptions
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ class MockState:
         created = int(time.time())
         self.model_list = [{"id": m, "object": "model", "created": created, "owned_by": options.name}
                            for m in options.models]
-        self.models_body = json.dumps({"object": "list", "data": self.model_list})
-        self.health_body = json.dumps({"status": "healthy", "service": options.name,
+        self.models_body = dumps({"object": "list", "data": self.model_list})
+        self.health_body = dumps({"status": "healthy", "service": options.name,
                                        "models": list(options.models)})
         self._pieces: dict[str, list[str]] = {}
 
@@ -210,13 +211,13 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
                 "usage": _usage(prompt_tokens, len(pieces))}
         if die is not None:
-            raw = json.dumps(body).encode()
+            raw = dumps(body).encode()
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
             resp.content_length = len(raw)
             await resp.prepare(request)
             await resp.write(raw[:len(raw) // 2])
             await _die(request, "halfway through a body")
-        return web.Response(text=json.dumps(body), content_type="application/json")
+        return web.Response(text=dumps(body), content_type="application/json")
 
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -226,7 +227,7 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
     head = {"id": rid, "object": obj, "created": created, "model": model}
 
     def event(choice: dict, **extra: Any) -> bytes:
-        return b"data: " + json.dumps({**head, "choices": [choice], **extra}).encode() + b"\n\n"
+        return b"data: " + dumps({**head, "choices": [choice], **extra}).encode() + b"\n\n"
 
     out: list[bytes] = []  # with no interval, the whole stream goes out in one write
     if chat:
@@ -248,11 +249,19 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
     usage = _usage(prompt_tokens, len(pieces))
     out.append(event(final, usage=usage))
     if include_usage:
-        out.append(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
+        out.append(b"data: " + dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
     out.append(b"data: [DONE]\n\n")
     await resp.write(b"".join(out))
     await resp.write_eof()
     return resp
+
+
+def _json_kind(value: Any) -> str:
+    """How a JSON value reads in an error message: `an empty array`, `a string`, ..."""
+    if isinstance(value, list):
+        return "an empty array"
+    kinds = {str: "a string", bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    return kinds.get(type(value), "null")
 
 
 def _include_usage(body: dict) -> bool:
@@ -264,8 +273,10 @@ def _include_usage(body: dict) -> bool:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body, model = await _request_body(request)
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if messages is None:
         raise ApiError(400, "missing required field: messages (a non-empty array)", code="missing_field")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, f"messages must be a non-empty array, got {_json_kind(messages)}", code="invalid_value")
     state = request.app[STATE]
     pieces = state.pieces(model)
     last = messages[-1]
@@ -281,8 +292,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     body, model = await _request_body(request)
     prompt = body.get("prompt")
-    if not isinstance(prompt, (str, list)):
+    if prompt is None:
         raise ApiError(400, "missing required field: prompt (a string or an array)", code="missing_field")
+    if not isinstance(prompt, (str, list)):
+        raise ApiError(400, f"prompt must be a string or an array, got {_json_kind(prompt)}", code="invalid_value")
     state = request.app[STATE]
     pieces = state.pieces(model)
     # A prompt that ends with the start of a mock's answer is continued from there.
@@ -321,7 +334,7 @@ async def embeddings(request: web.Request) -> web.Response:
     dim = request.app[OPTIONS].embedding_dim
     data = [{"object": "embedding", "index": i, "embedding": _embedding(t, dim)} for i, t in enumerate(items)]
     tokens = _count_words(items)
-    return web.json_response({"object": "list", "data": data, "model": model,
+    return json_response({"object": "list", "data": data, "model": model,
                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 

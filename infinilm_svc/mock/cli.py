@@ -68,9 +68,12 @@ async def _run(options: MockOptions) -> int:
         print(f"mock {options.name}: waiting {options.startup_delay:g} s before listening", flush=True)
         await asyncio.sleep(options.startup_delay)
     app = create_app(options)
-    print(f"mock {options.name}: serving {','.join(options.models)} on http://{options.host}:{options.port}",
-          flush=True)
-    return await serve([HostedApp("mock", options.name, app, options.host, options.port)])
+
+    def listening() -> None:
+        print(f"mock {options.name}: serving {','.join(options.models)} on http://{options.host}:{options.port}",
+              flush=True)
+
+    return await serve([HostedApp("mock", options.name, app, options.host, options.port)], on_listening=listening)
 
 
 def main(argv: list[str]) -> int:

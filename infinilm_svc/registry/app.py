@@ -16,6 +16,7 @@ from ..auth import KeyRing
 from ..background import TaskSupervisor
 from ..config import RegistryConfig
 from ..errors import ApiError, error_middleware, expect_continue, read_json_object
+from ..wire import json_response
 from .metrics import make_metrics, render
 from .stores import Store, make_store
 from .table import ServiceTable, format_url, rfc3339
@@ -66,7 +67,7 @@ def _parse_wait(raw: str, cap: float) -> float:
 
 def _json(data: Any, status: int = 200, index: int | None = None) -> web.Response:
     headers = {"X-Registry-Index": str(index)} if index is not None else None
-    return web.json_response(data, status=status, headers=headers)
+    return json_response(data, status=status, headers=headers)
 
 
 # -- handlers ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 from ..config.router import RouterConfig
 from .health import Health
-from .table import Backend, Table
+from .table import CLOSED, Backend, Table
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,9 @@ class Discovery:
             if why is None:
                 b = t.backends.get(name) or Backend(name)
                 before = _routing_view(b)
+                reborn = False
                 try:
-                    self._update(b, rec, meta, static)
+                    reborn = self._update(b, rec, meta, static)
                 except Exception as exc:  # noqa: BLE001 - whatever a record holds, skip it, keep the rest
                     why = f"{type(exc).__name__}: {exc}"
             if why is not None:
@@ -125,7 +126,7 @@ class Discovery:
                 t.backends[name] = b
                 changed = True
                 log.info("backend %s: added (%s)", name, b.url)
-            elif _routing_view(b) != before:
+            elif _routing_view(b) != before or reborn:
                 changed = True
         if not static:
             self.skipped = skipped
@@ -147,7 +148,8 @@ class Discovery:
         if changed:
             t.rebuild()
 
-    def _update(self, b: Backend, rec: dict, meta: dict, static: bool) -> None:
+    def _update(self, b: Backend, rec: dict, meta: dict, static: bool) -> bool:
+        """Copy a record into `b`; True when it is a new incarnation and old verdicts were dropped."""
         host = str(rec.get("host") or "127.0.0.1")
         port = int(rec.get("port") or 0)
         b.host, b.port = host, port
@@ -167,12 +169,29 @@ class Discovery:
         ct = meta.get("cache_type")
         b.cache_type = ct if ct in ("static", "paged") else None
         b.static = static
+        was = b.state
         b.state = str(rec.get("status", "running"))
         healthy = rec.get("is_healthy")
         b.registry_healthy = bool(healthy) if healthy is not None else b.state == "running"
         key = self.config.backend_api_keys.get(b.name, self.config.backend_api_key)
         b.auth_headers = {"Authorization": f"Bearer {key}"} if key else {}
         b.auth_lines = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+        return self._new_incarnation(b, meta, was)
+
+    def _new_incarnation(self, b: Backend, meta: dict, was: str) -> bool:
+        """A backend its babysitter restarted (new pid, restart count or start time, or back to
+        `running` after any other state) is a new process: the open circuit and failed active
+        checks were about the old one, so they are dropped."""
+        incarnation = (meta.get("pid"), meta.get("restarts"), meta.get("started_at"))
+        before, b.incarnation = b.incarnation, incarnation
+        restarted = before is not None and incarnation != before and incarnation[0] is not None
+        back = was != "running" and b.state == "running"
+        if not (restarted or back) or (b.circuit == CLOSED and b.active_ok and not b.fail_streak):
+            return False
+        log.info("backend %s: new incarnation (pid %s, restarts %s); circuit closed, health checks start afresh",
+                 b.name, incarnation[0], incarnation[1])
+        self.health.reset(b)
+        return True
 
     def load_static(self) -> None:
         if self.config.static_services:

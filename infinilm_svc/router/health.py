@@ -54,6 +54,7 @@ class Health:
         b.circuit = OPEN
         b.trial = False
         b.opened_at = time.monotonic()
+        b.reopen_at = b.opened_at + self.config.eject_cooldown
         if b.reopen is not None:
             b.reopen.cancel()
         b.reopen = asyncio.get_running_loop().call_later(self.config.eject_cooldown, self._half_open, b)
@@ -71,6 +72,16 @@ class Health:
         if b.reopen is not None:
             b.reopen.cancel()
             b.reopen = None
+
+    def reset(self, b: Backend) -> None:
+        """Forget every verdict about `b` (a new incarnation): closed circuit, fresh active checks."""
+        self.forget(b)
+        b.circuit = CLOSED
+        b.circuit_failures = 0
+        b.trial = False
+        b.active_ok = True
+        b.fail_streak = 0
+        b.ok_streak = 0
 
     # -- active: /health with thresholds ----------------------------------------------------
     async def run(self, session: aiohttp.ClientSession) -> None:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any, Callable, Sequence
 
 from ..client.registry import registry_urls
 from .stats import Counters
+from ..wire import dumps
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -19,7 +19,7 @@ class Backend:
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
                  "opened_at", "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
-                 "pending", "probing", "suspect_probe")
+                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -53,18 +53,28 @@ class Backend:
         self.suspect_probe = 0.0         # loop time of the last probe made because requests waited
         self.waiters: list[asyncio.Future] = []
         self.reopen: asyncio.TimerHandle | None = None
+        self.reopen_at = 0.0             # monotonic time the open circuit goes half-open
+        self.incarnation: tuple | None = None   # (pid, restarts, started_at) from the registry record
 
     @property
     def available(self) -> bool:
         """May take a request now (false only while a half-open trial is running)."""
         return not self.trial
 
+    def circuit_retry_in(self) -> float | None:
+        """Seconds until an open circuit lets a trial request through (None unless open)."""
+        if self.circuit != OPEN:
+            return None
+        return round(max(0.0, self.reopen_at - time.monotonic()), 1)
+
     def to_json(self) -> dict[str, Any]:
         out = {
             "name": self.name, "host": self.host, "port": self.port, "url": self.url,
             "babysitter_url": self.babysitter_url, "healthy": self.routable, "state": self.state,
             "registry_healthy": self.registry_healthy, "active_healthy": self.active_ok,
-            "circuit": self.circuit, "response_time": self.response_time, "last_check": self.last_check,
+            "circuit": self.circuit, "circuit_retry_in": self.circuit_retry_in(),
+            "response_time": self.response_time, "last_check": self.last_check,
+            "active_fail_streak": self.fail_streak,
             "weight": self.weight, "models": list(self.models), "metadata": self.metadata,
         }
         out.update(self.stats.to_json())
@@ -162,8 +172,8 @@ class Table:
         data = [dict(seen_models[k]) for k in sorted(seen_models)]
         for obj in data:
             obj.setdefault("object", "model")
-        self.models_body = json.dumps({"object": "list", "data": data}).encode()
-        self.model_bodies = {obj["id"]: json.dumps(obj).encode() for obj in data}
+        self.models_body = dumps({"object": "list", "data": data}).encode()
+        self.model_bodies = {obj["id"]: dumps(obj).encode() for obj in data}
         self.version += 1
 
     def _group(self, model: str, pool: str | None) -> Group:

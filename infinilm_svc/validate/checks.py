@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import math
+import os
 import re
 import sys
 import time
@@ -13,6 +15,7 @@ from typing import Any, AsyncIterator, Iterable
 import aiohttp
 
 from ..client.registry import registry_urls
+from ..client.babysitter import BabysitterClient, BabysitterError
 from .deployment import Run, chat, error_message, find_router, metadata_of, refresh_records, request_json, shorten
 from .options import CheckResult, ExpectedService, ValidateOptions
 
@@ -24,13 +27,27 @@ def fair_share(requests: int, backends: int) -> int:
     return math.ceil(requests / (2 * backends))
 
 
+def connection_problem(exc: BaseException) -> str:
+    """A failed connection in a few plain words: `connection refused`, `timed out`, ..."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "no answer (timed out)"
+    os_error = getattr(exc, "os_error", None) or (exc if isinstance(exc, OSError) else None)
+    if isinstance(os_error, OSError) and os_error.errno:
+        if os_error.errno == errno.ECONNREFUSED:
+            return "connection refused (nothing listens there)"
+        return os.strerror(os_error.errno).lower()
+    return f"{type(exc).__name__}: {exc}"
+
+
 async def check_registry(run: Run) -> CheckResult:
     name = "registry health"
     url = run.options.registry.rstrip("/")
     try:
         status, body = await request_json(run, "GET", url + "/health")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return CheckResult(1, name, False, f"cannot reach the registry at {url}: {type(exc).__name__}: {exc}")
+        run.registry_error = f"cannot reach the registry at {url}: {connection_problem(exc)}"
+        return CheckResult(1, name, False, run.registry_error + ("" if run.options.router else
+                                                                 "; the other checks need it (or --router URL)"))
     if status != 200 or not isinstance(body, dict) or body.get("status") != "healthy":
         return CheckResult(1, name, False, f"GET {url}/health answered {status}: {shorten(body)}")
     return CheckResult(1, name, True, f"{url}: {body.get('registered_services', '?')} services, "
@@ -252,13 +269,10 @@ async def _read_logs(run: Run, backend: str) -> tuple[list[str] | None, str | No
     if url is None:
         return None, f"no babysitter URL for {backend} in the registry"
     try:
-        headers = {"Authorization": f"Bearer {run.options.token}"} if run.options.token else None
-        status, body = await request_json(run, "GET", f"{url}/logs?tail={run.options.log_tail}", headers=headers)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return None, f"cannot read {backend}'s log at {url}/logs: {type(exc).__name__}: {exc}"
-    if status != 200 or not isinstance(body, dict) or not isinstance(body.get("lines"), list):
-        return None, f"GET {url}/logs answered {status}: {shorten(body)}"
-    return [str(e.get("line", "")) if isinstance(e, dict) else str(e) for e in body["lines"]], None
+        lines = await run.babysitters.tail(url, run.options.log_tail)
+    except BabysitterError as exc:
+        return None, f"{backend}: {exc}"
+    return [entry.line for entry in lines], None
 
 
 async def check_logs(run: Run) -> CheckResult:
@@ -363,13 +377,10 @@ async def check_chaos(run: Run) -> CheckResult:
     url = run.babysitter_url(backend)
     if url is None:
         return CheckResult(10, name, False, f"no babysitter URL for {backend} in the registry")
-    headers = {"Authorization": f"Bearer {run.options.token}"} if run.options.token else {}
     try:
-        status, body = await request_json(run, "POST", f"{url}/stop", headers=headers)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        return CheckResult(10, name, False, f"POST {url}/stop: {type(exc).__name__}: {exc}")
-    if status >= 300:
-        return CheckResult(10, name, False, f"POST {url}/stop answered {status}: {shorten(body)}")
+        await run.babysitters.act(url, "stop")
+    except BabysitterError as exc:
+        return CheckResult(10, name, False, f"{url}: {exc}")
     problems: list[str] = []
     sent = 0
     failed: list[str] = []
@@ -415,11 +426,9 @@ async def check_chaos(run: Run) -> CheckResult:
     finally:
         t1 = time.monotonic()
         try:
-            status, body = await request_json(run, "POST", f"{url}/start", headers=headers)
-            if status >= 300:
-                problems.append(f"POST {url}/start answered {status}: {shorten(body)}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            problems.append(f"POST {url}/start: {type(exc).__name__}: {exc}")
+            await run.babysitters.act(url, "start")
+        except BabysitterError as exc:
+            problems.append(f"{url}: {exc}")
         back = await _wait_record(run, backend, True, time.monotonic() + run.options.chaos_timeout)
         up_after = time.monotonic() - t1
         done.set()
@@ -434,6 +443,12 @@ async def check_chaos(run: Run) -> CheckResult:
     return CheckResult(10, name, True, f"stopped {backend} through its babysitter: the registry showed it not running "
                                        f"after {down_after:.1f} s (then {down_state!r}); started again, running after "
                                        f"{up_after:.1f} s; all {sent} requests sent meanwhile succeeded ({by})")
+
+
+# The checks after the first, by number and name, as they are reported when they cannot run.
+NEEDS_REGISTRY = ((2, "router health"), (3, "discovery"), (4, "model aggregation"), (5, "chat"),
+                  (6, "chat (streaming)"), (7, "load balancing"), (8, "request logs"), (9, "unknown model"),
+                  (10, "chaos: stop a backend"))
 
 
 async def _wait_discovery(run: Run) -> None:
@@ -469,10 +484,19 @@ async def run_checks(options: ValidateOptions) -> AsyncIterator[CheckResult]:
             for note in notes:
                 print(f"validate: registry {note}; trying the next", file=sys.stderr)
             options = dataclasses.replace(options, registry=chosen)
-        run = Run(options=options, session=session)
+        run = Run(options=options, session=session,
+                  babysitters=BabysitterClient(session, options.token, timeout=options.timeout))
         if options.wait > 0:
             await _wait_discovery(run)
-        yield await check_registry(run)
+        first = await check_registry(run)
+        yield first
+        if not first.passed and run.registry_error and not options.router:
+            # Without the registry there is no router to find and nothing to check against: say the
+            # connection error once (check 1), and mark the rest as not run rather than repeat it.
+            for number, name in NEEDS_REGISTRY:
+                if number != 10 or options.chaos:
+                    yield CheckResult(number, name, False, "not run: needs the registry (check 1)", ran=False)
+            return
         await find_router(run)
         yield await check_router(run)
         yield await check_discovery(run)

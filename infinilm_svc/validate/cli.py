@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import re
 import shutil
 import sys
 import textwrap
 from dataclasses import asdict
 
+from ..wire import dumps
 from .checks import run_checks
 from .options import CheckResult, ExpectedService, ValidateOptions
 
@@ -97,14 +97,15 @@ def options_from_args(args: argparse.Namespace) -> ValidateOptions:
 
 def format_row(result: CheckResult, width: int = 100) -> str:
     """One table row; long details wrap under the detail column."""
-    head = f"{result.number:>3}  {result.name:<22} {'PASS' if result.passed else 'FAIL':<6} "
+    head = f"{result.number:>3}  {result.name:<22} {result.verdict:<6} "
     lines = textwrap.wrap(result.detail, max(30, width - len(head)), break_on_hyphens=False) or [""]
     return "\n".join([head + lines[0]] + [" " * len(head) + line for line in lines[1:]])
 
 
 def summary_line(results: list[CheckResult]) -> str:
     passed = sum(r.passed for r in results)
-    return f"{passed} passed, {len(results) - passed} failed"
+    skipped = sum(not r.ran for r in results)
+    return f"{passed} passed, {len(results) - passed - skipped} failed" + (f", {skipped} not run" if skipped else "")
 
 
 async def _run_cli(options: ValidateOptions, as_json: bool) -> int:
@@ -119,8 +120,9 @@ async def _run_cli(options: ValidateOptions, as_json: bool) -> int:
             print(format_row(result, width), flush=True)
     if as_json:
         passed = sum(r.passed for r in results)
-        print(json.dumps({"registry": options.registry, "checks": [asdict(r) for r in results],
-                          "passed": passed, "failed": len(results) - passed}, indent=2))
+        print(dumps({"registry": options.registry, "checks": [asdict(r) for r in results],
+                     "passed": passed, "failed": len(results) - passed - sum(not r.ran for r in results),
+                     "not_run": sum(not r.ran for r in results)}))
     else:
         print(summary_line(results))
     return EXIT_OK if all(r.passed for r in results) else EXIT_FAIL

@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 import aiohttp
 
+from ..client.babysitter import BabysitterClient
+from ..wire import dumps
 from .options import ValidateOptions
 
 ANSWER_RE = re.compile(r"Hello from (\S+) \(model: ([^)]+)\)")
@@ -36,6 +38,7 @@ class Run:
 
     options: ValidateOptions
     session: aiohttp.ClientSession
+    babysitters: BabysitterClient
     records: list[dict] = field(default_factory=list)
     registry_error: str | None = None
     router: str | None = None
@@ -109,7 +112,7 @@ def metadata_of(record: Mapping | None) -> Mapping:
 
 def shorten(body: Any, limit: int = 160) -> str:
     """A body as at most `limit` characters of text, for a check's detail."""
-    text = body if isinstance(body, str) else json.dumps(body)
+    text = body if isinstance(body, str) else dumps(body)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -12,6 +12,11 @@ class CheckResult:
     name: str
     passed: bool
     detail: str
+    ran: bool = True              # False: not run, because something it needs is missing (detail says what)
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else ("FAIL" if self.ran else "SKIP")
 
 
 @dataclass(frozen=True)
