@@ -12,6 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..client.registry import RegistryClient
 from ..config.router import RouterConfig
+from ..auth import KeyRing
+from ..background import TaskSupervisor
+from ..errors import ApiError
 from ..runtime import REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
 from .balancer import make_policy
 from .frontdoor import FrontDoor, json_response
@@ -30,13 +33,39 @@ HEALTH = web.AppKey("router_health", Health)
 DISCOVERY = web.AppKey("router_discovery", Discovery)
 PROXY = web.AppKey("router_proxy", Proxy)
 SESSION = web.AppKey("router_session", aiohttp.ClientSession)
+TASKS = web.AppKey("router_tasks", TaskSupervisor)
 
-def local_endpoints(table: Table, proxy: Proxy) -> dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def admin_only(config: RouterConfig, handler: Handler) -> Handler:
+    """`handler` behind the admin keys (or, without any, the API keys) when keys are set: the
+    router's tables reveal backend URLs, pids and metadata."""
+    keys = config.admin_keys or config.api_keys
+    if not keys:
+        return handler
+    ring = KeyRing(keys)
+    kind = "an admin key" if config.admin_keys else "an API key"
+
+    async def checked(request: web.BaseRequest) -> web.StreamResponse:
+        if not ring.allows(request.headers.get("Authorization")):
+            raise ApiError(401, f"this endpoint needs {kind} (send Authorization: Bearer <key>)",
+                           "invalid_request_error", "invalid_api_key")
+        return await handler(request)
+    return checked
+
+
+def local_endpoints(table: Table, proxy: Proxy, tasks: TaskSupervisor) -> dict[str, Handler]:
     """The router's own GET endpoints, by path (everything else is proxied)."""
 
     async def health(request: web.BaseRequest) -> web.Response:
-        """Always 200 (upstream shape); `status` is "healthy" when at least one backend is routable."""
-        return json_response(table.health_json())
+        """Always 200 (upstream shape); `status` is "healthy" when at least one backend is routable,
+        "degraded" while one of the router's own loops is waiting to be restarted."""
+        body = table.health_json()
+        body["tasks"] = tasks.report()
+        if tasks.degraded:
+            body["status"] = "degraded"
+        return json_response(body)
 
     async def models(request: web.BaseRequest) -> web.Response:
         """The models of the routable backends, deduplicated (precomputed on membership changes)."""
@@ -104,26 +133,24 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = session
     pool = Pool(config.connect_timeout, config.read_timeout, config.upstream_idle_timeout, config.upstream_max_idle)
     app[PROXY].pool = pool
-    tasks: list[asyncio.Task] = []
+    tasks = app[TASKS]
     try:
         app[DISCOVERY].load_static()
     except (OSError, ValueError) as exc:
         log.error("static services file: %s", exc)
     if config.registry_url:
         registry = RegistryClient(session, config.registry_url, config.registry_token, timeout=5.0)
-        tasks.append(asyncio.create_task(app[DISCOVERY].watch(registry), name="router-registry-watch"))
+        tasks.spawn("registry-watch", lambda: app[DISCOVERY].watch(registry))
         record = router_record(config)
         reg = app[REGISTRATION]
         reg.registry, reg.name = registry, record["name"]
-        reg.task = asyncio.create_task(keep_registered(registry, record, config.heartbeat_interval),
-                                       name="router-registration")
-    tasks.append(asyncio.create_task(app[HEALTH].run(session), name="router-health"))
+        reg.task = tasks.spawn("registration", lambda: keep_registered(registry, record, config.heartbeat_interval)).task
+    tasks.spawn("health-checks", lambda: app[HEALTH].run(session))
     try:
         yield
     finally:
         await app[REGISTRATION].withdraw()
-        for task in tasks:
-            await _cancel(task)
+        await tasks.close()
         for b in app[TABLE].backends.values():
             app[HEALTH].forget(b)
         pool.close()
@@ -163,7 +190,12 @@ def create_app(config: RouterConfig) -> web.Application:
     table.rebuild()
     app.cleanup_ctx.append(_lifecycle)
     door = FrontDoor(proxy, table, config.max_body)
-    for path, handler in {**local_endpoints(table, proxy), "/metrics": metrics}.items():
+    tasks = app[TASKS] = TaskSupervisor("router")
+    local = local_endpoints(table, proxy, tasks)
+    for path in ("/services", "/stats"):
+        local[path] = admin_only(config, local[path])
+    local["/metrics"] = metrics if config.public_metrics else admin_only(config, metrics)
+    for path, handler in local.items():
         door.add_local(path, handler)
     app[REQUEST_HANDLER] = door
     # A stop withdraws the registration, closes the listener and lets in-flight requests and

@@ -8,12 +8,12 @@ per-request `web.Request` are skipped: the proxy path measured 15-20% cheaper wi
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
 from ..errors import ApiError, error_answer
+from ..wire import dumps
 from .proxy import Proxy
 from .table import Table
 
@@ -23,7 +23,7 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def json_response(data: object) -> web.Response:
-    return web.Response(text=json.dumps(data), content_type=_JSON)
+    return web.Response(text=dumps(data), content_type=_JSON)
 
 
 class FrontDoor:

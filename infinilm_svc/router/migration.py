@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..wire import dumps
+
 # Paths whose streams may migrate, and what they carry.
 KINDS = {"/v1/chat/completions": "chat", "/chat/completions": "chat",
          "/v1/completions": "completion", "/completions": "completion"}
@@ -213,7 +215,7 @@ class Stitch:
                 if isinstance(usage.get("total_tokens"), int):
                     usage["total_tokens"] += self.tokens_before
             if keep:
-                out.append(b"data: " + json.dumps(ev).encode() + b"\n\n")
+                out.append(b"data: " + dumps(ev).encode() + b"\n\n")
         return b"".join(out)
 
     def _strip_echo(self, piece: Any) -> Any:

@@ -12,7 +12,9 @@ from typing import Any, NamedTuple
 from aiohttp import web
 
 from ..config.router import RouterConfig
+from ..auth import KeyRing
 from ..errors import ApiError, error_body, parse_json_object
+from ..wire import dumps
 from .access import AccessLog
 from .balancer import Route, content_texts
 from .failures import (BackendHung, ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, StreamErrorEvent,
@@ -178,7 +180,7 @@ class Proxy:
         self.table = table
         self.health = health
         self.pool: Pool | None = None
-        self.keys = frozenset(f"Bearer {k}" for k in config.api_keys) if config.api_keys else None
+        self.keys = KeyRing(config.api_keys) if config.api_keys else None
         self.attempts = config.retries + 1
         self.id_prefix = os.urandom(4).hex()
         self.ids = count(1)
@@ -186,7 +188,8 @@ class Proxy:
         self.access = AccessLog() if config.access_log else None
 
     def check_key(self, request: web.BaseRequest) -> None:
-        if self.keys is not None and request.headers.get("Authorization") not in self.keys:
+        """Clients need one of `api_keys` when any are set (any-case scheme, constant-time compare)."""
+        if self.keys is not None and not self.keys.allows(request.headers.get("Authorization")):
             raise ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)",
                            "invalid_request_error", "invalid_api_key")
 
@@ -392,7 +395,7 @@ class Proxy:
                         mstats.error(f.stream_kind, msg, loop.time())
                         # Never a made-up clean end: the client learns the stream broke.
                         relay.transcript = None
-                        relay(b"\n\ndata: " + json.dumps(error_body(msg, "server_error", "upstream_stream_error")).encode()
+                        relay(b"\n\ndata: " + dumps(error_body(msg, "server_error", "upstream_stream_error")).encode()
                               + b"\n\n")
                         break
                     b.stats.migrations += 1
