@@ -21,9 +21,12 @@ if TYPE_CHECKING:
 class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection; reads one answer at a time into `self.reply`."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float, busy: set | None = None) -> None:
         self.loop = loop
         self.read_timeout = read_timeout
+        # The pool's set of connections waiting on an answer (its watchdog checks their idleness:
+        # one timer per pool instead of one per request).
+        self.busy: set = busy if busy is not None else set()
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.reply: Reply | None = None
@@ -33,7 +36,6 @@ class Connection(asyncio.Protocol):
         self.paused = False         # reading paused by us (back-pressure): never the backend's fault
         self.close_after = False    # the parser's state is not reusable (after an answer to HEAD)
         self.last_data = 0.0
-        self.watchdog: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -119,28 +121,22 @@ class Connection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def arm(self) -> None:
-        """Start the idle watchdog for one answer (one timer per answer, not one per read)."""
+        """Start the idle clock for one answer: the pool's watchdog looks at busy connections."""
         self.last_data = self.loop.time()
-        self.watchdog = self.loop.call_later(self.read_timeout, self._watch)
+        self.busy.add(self)
 
     def disarm(self) -> None:
-        if self.watchdog is not None:
-            self.watchdog.cancel()
-            self.watchdog = None
+        self.busy.discard(self)
 
-    def _watch(self) -> None:
-        self.watchdog = None
-        timeout = self.read_timeout
+    def check_idle(self, now: float) -> None:
+        """Called by the pool's watchdog: fail the answer if the backend has been silent too long."""
         if self.paused:                           # waiting on our own client: not the backend's idleness
-            self.watchdog = self.loop.call_later(timeout, self._watch)
+            self.last_data = now
             return
-        idle = self.loop.time() - self.last_data
-        if idle >= timeout:
+        if now - self.last_data >= self.read_timeout:
             if self.reply is not None:
-                self.reply.fail(ReadTimeout(f"no data from the backend for {timeout:g}s"))
+                self.reply.fail(ReadTimeout(f"no data from the backend for {self.read_timeout:g}s"))
             self.close()
-        else:
-            self.watchdog = self.loop.call_later(timeout - idle, self._watch)
 
     def close(self) -> None:
         self.closed = True

@@ -35,6 +35,18 @@ class Pool:
         self.targets: dict[str, Target] = {}
         self._ssl: ssl_module.SSLContext | None = None
         self._reaper: asyncio.TimerHandle | None = None
+        self.busy: set[Connection] = set()        # connections waiting on an answer
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.tick = min(1.0, read_timeout / 4)    # how often the idle (read) timeout is checked
+
+    def _watch(self) -> None:
+        """The idle watchdog of every busy connection (runs while any connection is busy)."""
+        self._watchdog = None
+        now = self.loop.time()
+        for conn in list(self.busy):
+            conn.check_idle(now)
+        if self.busy:
+            self._watchdog = self.loop.call_later(self.tick, self._watch)
 
     def target(self, url: str) -> Target:
         """The Target of a backend URL (cached: computed once per URL)."""
@@ -87,7 +99,8 @@ class Pool:
         loop = self.loop
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(loop, self.read_timeout), key.host, key.port, ssl=ssl_ctx),
+                loop.create_connection(lambda: Connection(loop, self.read_timeout, self.busy), key.host, key.port,
+                                       ssl=ssl_ctx),
                 self.connect_timeout)
         except asyncio.TimeoutError:
             raise ConnectError(f"connect to {key.host}:{key.port} timed out after {self.connect_timeout:g}s") from None
@@ -130,6 +143,8 @@ class Pool:
                 except (RuntimeError, OSError) as exc:   # closed under us (uvloop raises, asyncio ignores)
                     raise ConnectionBroken(f"connection closed before the request was sent: {exc}") from None
                 conn.arm()
+                if self._watchdog is None:
+                    self._watchdog = self.loop.call_later(self.tick, self._watch)
                 await reply.wait_head()
             except ConnectionBroken:
                 if conn.reused and not reply.got_bytes and attempt == 0:
@@ -145,6 +160,9 @@ class Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._reaper is not None:
             self._reaper.cancel()
             self._reaper = None
