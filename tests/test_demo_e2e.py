@@ -213,6 +213,7 @@ def test_ha_demo_validates_through_any_registry_and_after_losing_a_server(pyz_pa
     finally:
         subprocess.run([str(HA / "stop-all.sh")], env=env, capture_output=True, timeout=120)
         for line in _processes_using(ips):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
 
 
 def _raw(method: str, url: str, body: dict | None = None) -> str:
