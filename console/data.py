@@ -48,6 +48,7 @@ class ServiceRow:
     errors: int | None = None
     in_flight: int | None = None
     latency: Latency = Latency()
+    cache_hit: float | None = None  # cached prompt tokens / prompt tokens, as the engine reports them
     metadata: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -74,6 +75,7 @@ class ModelRow:
     errors: int | None = None
     rate: float | None = None     # requests per second, summed over routers
     latency: Latency = Latency()
+    cache_hit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ class _Sum:
     requests: int = 0
     errors: int = 0
     in_flight: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     weight: list = field(default_factory=list)  # [(requests, Latency)]
     seen: bool = False
 
@@ -193,10 +197,18 @@ class _Sum:
         self.requests += _int(s.get("request_count")) or 0
         self.errors += _int(s.get("error_count")) or 0
         self.in_flight += _int(s.get("in_flight")) or 0
+        tokens = s.get("tokens") or {}
+        if isinstance(tokens, dict):
+            self.prompt_tokens += _int(tokens.get("prompt")) or 0
+            self.cached_tokens += _int(tokens.get("cached")) or 0
         lat = s.get("latency_ms") or {}
         if isinstance(lat, dict):
             self.weight.append((_int(s.get("request_count")) or 0,
                                 Latency(_float(lat.get("p50")), _float(lat.get("p90")), _float(lat.get("p99")))))
+
+    def cache_hit(self) -> float | None:
+        """The engine-reported prompt cache hit ratio over every router (None before any prompt)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     def latency(self) -> Latency:
         """Percentiles averaged over routers, weighted by requests (exact with one router)."""
@@ -278,7 +290,7 @@ class Poller:
             agg = per_backend.get(r.name)
             if agg is not None:
                 r = replace(r, requests=agg.requests, errors=agg.errors, in_flight=agg.in_flight,
-                            latency=agg.latency())
+                            latency=agg.latency(), cache_hit=agg.cache_hit())
             joined.append(r)
         # A babysitter row shows its backend's restarts and models when it does not carry them.
         by_name = {r.name: r for r in joined}
@@ -330,7 +342,8 @@ def build_models(rows: list[ServiceRow], per_model: dict[str, "_Sum"],
         out.append(ModelRow(name=m, backends=tuple(b.name for b in bs),
                             healthy=sum(1 for b in bs if b.healthy and b.state == "running"),
                             requests=reqs, errors=agg.errors if agg else None, rate=rate(m, reqs),
-                            latency=agg.latency() if agg else Latency()))
+                            latency=agg.latency() if agg else Latency(),
+                            cache_hit=agg.cache_hit() if agg else None))
     return tuple(out)
 
 
