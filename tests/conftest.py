@@ -175,3 +175,6 @@ def http_json(method: str, url: str, body: Any = None, headers: dict | None = No
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+from engine import engine  # noqa: E402,F401  - the `engine` fixture (llama-server and tiny models)
