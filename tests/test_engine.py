@@ -163,7 +163,7 @@ def test_missing_model_engine_error_in_status_then_fatal(engine, procs, tmp_path
     engine_lines = [e["line"].strip() for e in logs(port) if e["stream"] in ("stdout", "stderr")]
     assert st["last_error_line"] in engine_lines, (st["last_error_line"], engine_lines[-10:])
     assert "nope.gguf" in st["last_error_line"] or "model" in st["last_error_line"].lower()
-    assert st["last_error_line"] in st["last_exit_reason"]
+    assert st["last_exit_reason"].startswith("exited with code")
 
 
 # --- behind the router --------------------------------------------------------------------------

@@ -191,7 +191,7 @@ class Supervisor:
             self.last_exit_code, self.last_exit_reason = code, reason
             if not self._desired or self._restart_now:
                 continue  # stopped or restarted on request: no back-off, no failure counted
-            if code != 0 and self.process is not None:
+            if code is not None and code > 0 and self.process is not None:   # it failed by itself
                 self.last_error_line = error_line(self._output_since(self.process.started_at))
                 if self.last_error_line:
                     reason = f"{reason}: {self.last_error_line}"
