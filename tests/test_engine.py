@@ -263,3 +263,18 @@ def test_usage_of_reads_cached_prompt_tokens_in_any_key_order():
         c.add_tokens(u)
     assert c.to_json()["tokens"] == {"prompt": 325, "completion": 9, "cached": 269, "answers_with_usage": 3}
     assert c.to_json()["cache_hit_ratio"] == round(269 / 325, 4)
+
+
+def test_demo_llama_cpp_configs_check_with_the_built_engine(engine):
+    from conftest import ROOT
+
+    cfg = ROOT / "demo" / "integration-validation" / "config-llama.cpp"
+    env = {**os.environ, "INFINILM_ENGINE_DIR": str(engine.server.parent.parent)}
+    out = subprocess.run([PY, "-m", "infinilm_svc", "check-config", str(cfg / "server1.toml"), str(cfg / "server2.toml")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "babysitter babysitter-d (backend llama.cpp" in out.stdout, out.stdout
+    env.pop("INFINILM_ENGINE_DIR")
+    env["INFINILM_ENGINE_DIR"] = str(engine.server.parent.parent / "nowhere")
+    out = subprocess.run([PY, "-m", "infinilm_svc", "check-config", str(cfg / "server1.toml")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "nowhere/models/tiny-llama-s1.gguf: No such file or directory" in out.stdout

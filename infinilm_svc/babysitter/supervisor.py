@@ -36,8 +36,9 @@ _ERROR_WORDS = ("error", "failed", "fatal", "exception", "cannot", "unable", "no
 
 
 def error_line(lines: list[str]) -> str | None:
-    """The backend's own account of why it stopped: its last line naming an error, else its last line."""
-    for line in reversed(lines):
+    """The backend's own account of why it stopped: its first line naming an error (the cause; later
+    ones tend to be consequences), else its last line."""
+    for line in lines:
         low = line.lower()
         if any(w in low for w in _ERROR_WORDS):
             return line.strip()[:500]
