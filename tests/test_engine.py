@@ -112,8 +112,10 @@ def test_llama_server_lifecycle_starting_running_kill9_backoff_running(engine, p
     code, body = http_json("POST", f"http://127.0.0.1:{port}/v1/completions",
                            {"model": "tiny", "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert code == 200 and body["usage"]["completion_tokens"] == 4
-    wait_for(lambda: any(e["stream"] in ("stdout", "stderr") and "/v1/completions" in e["line"] for e in logs(port)),
-             what="the engine's own log line for the request")
+    engine_lines = lambda: [e["line"] for e in logs(port) if e["stream"] in ("stdout", "stderr")]  # noqa: E731
+    assert any(f"listening on http://127.0.0.1:{port}" in ln for ln in engine_lines())
+    wait_for(lambda: any("print_timing" in ln and "4 tokens" in ln for ln in engine_lines()),
+             what="the engine's own log line timing the request")
 
     os.kill(pid, signal.SIGKILL)
     rec = wait_for(lambda: (r := record(reg, "bs-llama-server")) and r["status"] == "backoff" and r,

@@ -160,8 +160,8 @@ class RouterCollector(Collector):
                 tok.add_metric([name, "prompt"], c.prompt_tokens)
                 tok.add_metric([name, "completion"], c.completion_tokens)
                 tok.add_metric([name, "cached"], c.cached_tokens)
-                if (r := c.cache_hit_ratio) is not None:
-                    hit.add_metric([name], r)
+                if c.prompt_tokens:
+                    hit.add_metric([name], c.cached_tokens / c.prompt_tokens)
                 lat.add_metric([name], c.latency.histogram(), c.latency.total)
                 ttft.add_metric([name], c.ttft.histogram(), c.ttft.total)
             yield from (req, err, inf, tok, hit, lat, ttft)
