@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ./build.sh        -> builds ./infinilm-svc.pyz (a shiv zipapp holding every role)
 # ./build.sh test   -> installs the test dependencies, builds the pyz, runs the whole test suite
-# ./build.sh bench  -> builds the pyz and runs the benchmarks in bench/
+# ./build.sh bench  -> builds the pyz (and the engine) and runs the benchmarks in bench/
 # ./build.sh engine -> builds llama.cpp's llama-server (once, into a cache outside this tree) and
 #                      writes the tiny seeded llama models the real-engine tests and demo use
 set -euo pipefail
@@ -94,6 +94,7 @@ build_engine() {
         "$ENGINE_DIR/build/bin/llama-server" --version > /dev/null 2>&1 \
             || { echo "build.sh: the built llama-server does not run:" >&2; "$ENGINE_DIR/build/bin/llama-server" --version; exit 1; }
         ln -sfn build/bin "$ENGINE_DIR/bin"
+        rm -rf "$ENGINE_DIR/src"   # 180 MB of sources the binary no longer needs
         echo "build.sh: llama-server built in $(( SECONDS - t0 )) s"
     fi
     "$VENV/bin/python" tools/tiny_llama.py --vocab "$ENGINE_DIR/vocab/ggml-vocab-llama-spm.gguf" \
@@ -117,7 +118,7 @@ case "${1:-build}" in
         ensure_venv; install_deps "[test]"; build_engine ;;
     bench)
         shift || true
-        ensure_venv; install_deps "[test]"; build_pyz
+        ensure_venv; install_deps "[test]"; build_pyz; build_engine
         for b in bench/*.py; do echo "== $b"; "$VENV/bin/python" "$b" "$@"; done ;;
     *)
         echo "usage: ./build.sh [build|test [pytest args]|bench]" >&2; exit 2 ;;
