@@ -280,3 +280,35 @@ def test_demo_llama_cpp_configs_check_with_the_built_engine(engine):
     out = subprocess.run([PY, "-m", "infinilm_svc", "check-config", str(cfg / "server1.toml")],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2 and "nowhere/models/tiny-llama-s1.gguf: No such file or directory" in out.stdout
+
+
+@pytest.mark.e2e
+def test_engine_killed_mid_stream_client_gets_error_event_and_babysitter_restarts_it(engine, pyz_path, procs, tmp_path):
+    import http.client
+
+    rtr, port = start_node(procs, tmp_path, engine)
+    pid = status(port)["pid"]
+    conn = http.client.HTTPConnection("127.0.0.1", rtr, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({
+        "model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "stream": True,
+        "max_tokens": 1500, "ignore_eos": True, "temperature": 0}), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events, killed = [], False
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: "):
+            continue
+        events.append(line[6:])
+        if len(events) == 5 and not killed:
+            os.kill(pid, signal.SIGKILL)        # mid-stream: the engine is gone at once
+            killed = True
+    conn.close()
+    assert killed and "[DONE]" not in events
+    last = json.loads(events[-1])
+    assert last["error"]["code"] == "upstream_stream_error", events[-3:]
+    content = [json.loads(e) for e in events[:-1]]
+    assert sum(1 for c in content for ch in c["choices"] if ch["delta"].get("content")) < 1500
+    st = wait_for(lambda: (s := status(port))["state"] == "running" and s["pid"] not in (None, pid) and s, timeout=30,
+                  what="the babysitter to restart the engine")
+    assert st["restarts"] == 1 and st["last_exit_code"] == -9, st

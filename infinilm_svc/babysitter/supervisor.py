@@ -76,7 +76,7 @@ class Supervisor:
         self.failures = 0                 # quick failures in a row (reset by a stable run)
         self.last_exit_code: int | None = None
         self.last_exit_reason: str | None = None
-        self.last_error_line: str | None = None   # the backend's own last error line before its exit
+        self.last_error_line: str | None = None   # the backend's own first error line when it last failed
         self.running_since: float | None = None   # unix time the backend became ready
         self.state_since = time.time()
         self.models_list: list[dict] = self._declared_models()
