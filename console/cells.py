@@ -24,7 +24,7 @@ SERVICE_COLUMNS: list[tuple[str, str]] = [
     ("name", "NAME"), ("role", "ROLE"), ("address", "ADDRESS"), ("state", "STATE"), ("route", "ROUTED"),
     ("hb", "HEARTBEAT"),
     ("restarts", "RESTARTS"), ("models", "MODELS"), ("requests", "REQS"), ("errors", "ERRS"),
-    ("in_flight", "INFL"), ("p50", "P50 ms"), ("p90", "P90 ms"), ("p99", "P99 ms"),
+    ("in_flight", "INFL"), ("p50", "P50 ms"), ("p90", "P90 ms"), ("p99", "P99 ms"), ("cache", "CACHE%"),
 ]
 # What a narrow terminal gives up first (`console --once`); names, states and numbers of requests,
 # errors and requests in flight are never dropped.
@@ -32,7 +32,7 @@ DROP_FIRST = ("p90", "role", "address", "p99", "models", "restarts", "p50", "hb"
 
 MODEL_COLUMNS: list[tuple[str, str]] = [
     ("name", "MODEL"), ("healthy", "HEALTHY"), ("backends", "BACKENDS"), ("lost", "LOST RECENTLY"), ("rate", "REQ/S"),
-    ("requests", "REQS"), ("errors", "ERRS"), ("p50", "P50 ms"), ("p99", "P99 ms"),
+    ("requests", "REQS"), ("errors", "ERRS"), ("p50", "P50 ms"), ("p99", "P99 ms"), ("cache", "CACHE%"),
 ]
 
 Colour = Callable[[str], str]   # state kind -> a colour rich understands
@@ -50,6 +50,11 @@ def fmt_ms(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def fmt_pct(v: float | None) -> str:
+    """A ratio as a percentage: 0.734 -> 73.4."""
+    return "-" if v is None else f"{v * 100:.1f}"
 
 
 def fmt_rate(v: float | None) -> str:
@@ -111,6 +116,7 @@ def service_cells(row: ServiceRow, colour: Colour, elapsed: float = 0.0) -> dict
         "p50": Text(fmt_ms(lat.p50), justify="right"),
         "p90": Text(fmt_ms(lat.p90), justify="right"),
         "p99": Text(fmt_ms(lat.p99), justify="right"),
+        "cache": Text(fmt_pct(row.cache_hit), justify="right"),
     }
 
 
@@ -129,6 +135,7 @@ def model_cells(row: ModelRow, colour: Colour) -> dict[str, object]:
         "errors": Text(fmt_int(row.errors), style=colour("error") if row.errors else "", justify="right"),
         "p50": Text(fmt_ms(row.latency.p50), justify="right"),
         "p99": Text(fmt_ms(row.latency.p99), justify="right"),
+        "cache": Text(fmt_pct(row.cache_hit), justify="right"),
     }
 
 

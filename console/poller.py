@@ -41,6 +41,8 @@ class _Sum:
     requests: int = 0
     errors: int = 0
     in_flight: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     weight: list = field(default_factory=list)  # [(requests, Latency)]
     seen: bool = False
 
@@ -49,10 +51,18 @@ class _Sum:
         self.requests += as_int(s.get("request_count")) or 0
         self.errors += as_int(s.get("error_count")) or 0
         self.in_flight += as_int(s.get("in_flight")) or 0
+        tokens = s.get("tokens") or {}
+        if isinstance(tokens, dict):
+            self.prompt_tokens += as_int(tokens.get("prompt")) or 0
+            self.cached_tokens += as_int(tokens.get("cached")) or 0
         lat = s.get("latency_ms") or {}
         if isinstance(lat, dict):
             self.weight.append((as_int(s.get("request_count")) or 0,
                                 Latency(as_float(lat.get("p50")), as_float(lat.get("p90")), as_float(lat.get("p99")))))
+
+    def cache_hit(self) -> float | None:
+        """The engine-reported prompt cache hit ratio over every router (None before any prompt)."""
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
 
     def latency(self) -> Latency:
         """Percentiles averaged over routers, weighted by requests (exact with one router)."""
@@ -137,7 +147,7 @@ class Poller:
             agg = per_backend.get(r.name)
             if agg is not None:
                 r = replace(r, requests=agg.requests, errors=agg.errors, in_flight=agg.in_flight,
-                            latency=agg.latency())
+                            latency=agg.latency(), cache_hit=agg.cache_hit())
             if r.role == "backend" and answered:
                 r = replace(r, route=backend_route(verdicts.get(r.name, []), answered))
             joined.append(r)
@@ -227,5 +237,6 @@ def build_models(rows: list[ServiceRow], per_model: dict[str, "_Sum"],
         healthy = sum(1 for b in bs if b.healthy and b.state == "running" and (b.route is None or b.route.ok))
         out.append(ModelRow(name=m, backends=tuple(b.name for b in bs), healthy=healthy,
                             requests=reqs, errors=errs, rate=rate(m, reqs),
-                            latency=agg.latency() if agg else Latency(), lost=tuple(lost.get(m, ()))))
+                            latency=agg.latency() if agg else Latency(), lost=tuple(lost.get(m, ())),
+                            cache_hit=agg.cache_hit() if agg else None))
     return tuple(out)

@@ -52,6 +52,7 @@ class ServiceRow:
     errors: int | None = None
     in_flight: int | None = None
     latency: Latency = Latency()
+    cache_hit: float | None = None  # cached prompt tokens / prompt tokens, as the engine reports them
     route: Route | None = None    # what the routers make of a backend (None: not a backend, or no router answered)
     metadata: dict = field(default_factory=dict, compare=False)
 
@@ -79,6 +80,7 @@ class ModelRow:
     errors: int | None = None
     rate: float | None = None     # requests per second
     latency: Latency = Latency()  # the routers' per-model percentiles
+    cache_hit: float | None = None
     lost: tuple[str, ...] = ()    # backends that served it and left the registry recently
 
 

@@ -19,6 +19,7 @@ SORT_VALUE = {
     "restarts": lambda r: r.restarts or 0, "models": lambda r: r.models, "requests": lambda r: r.requests or 0,
     "errors": lambda r: r.errors or 0, "in_flight": lambda r: r.in_flight or 0,
     "p50": lambda r: r.latency.p50 or 0.0, "p90": lambda r: r.latency.p90 or 0.0, "p99": lambda r: r.latency.p99 or 0.0,
+    "cache": lambda r: r.cache_hit if r.cache_hit is not None else -1.0,
 }
 
 

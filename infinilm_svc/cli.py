@@ -53,7 +53,7 @@ def check_config(argv: list[str]) -> int:
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
     try:
-        node = load_config_files(args.files)
+        node = load_config_files(args.files, check_files=True)
     except ConfigError as exc:
         for prob in exc.problems:
             print(prob)

@@ -222,3 +222,6 @@ def registry_config(request):
     make.store = request.param  # type: ignore[attr-defined]
     make.ttl = lambda memory, etcd: etcd if request.param == "etcd" else memory  # type: ignore[attr-defined]
     return make
+
+
+from engine import engine  # noqa: E402,F401  - the `engine` fixture (llama-server and tiny models)

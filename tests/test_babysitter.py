@@ -138,6 +138,7 @@ def test_backend_that_exits_at_once_ends_fatal_until_started(procs, tmp_path):
     start_babysitter(procs, cfg)
     st = wait_for(lambda: (s := status(port))["state"] == "fatal" and s, what="FATAL")
     assert st["restarts"] == 2 and st["last_exit_code"] == 7
+    assert st["last_error_line"] == "bye" and st["last_exit_reason"] == "exited with code 7"
     code, health = http_get_json(f"http://127.0.0.1:{port + 1}/health")
     assert code == 503 and health["state"] == "fatal"
     wait_for(lambda: (r := record(reg, "bs-exit-server")) and r["status"] == "fatal", what="registry shows fatal")

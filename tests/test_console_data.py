@@ -22,9 +22,12 @@ def _stats(backend_counts: dict[str, tuple[int, int, int, float]], model_counts:
         "total_services": len(backend_counts), "healthy_services": len(backend_counts), "registry_url": "x",
         "services": [{"name": n, "request_count": r, "error_count": e, "in_flight": f, "healthy": True,
                       "registry_healthy": True, "active_healthy": True, "circuit": "closed",
-                      "latency_ms": {"p50": p, "p90": p * 2, "p99": p * 3}} for n, (r, e, f, p) in backend_counts.items()],
+                      "latency_ms": {"p50": p, "p90": p * 2, "p99": p * 3},
+                      "tokens": {"prompt": r * 10, "completion": r, "cached": r * (e + 1)}}
+                     for n, (r, e, f, p) in backend_counts.items()],
         "models": {m: {"request_count": c, "error_count": 0, "in_flight": 0,
-                       "latency_ms": {"p50": 5.0, "p90": 6.0, "p99": 7.0}} for m, c in model_counts.items()},
+                       "latency_ms": {"p50": 5.0, "p90": 6.0, "p99": 7.0},
+                       "tokens": {"prompt": c * 10, "completion": c, "cached": c * 2}} for m, c in model_counts.items()},
     }
 
 
@@ -66,10 +69,12 @@ async def test_poll_sums_router_stats_computes_rates_and_marks_stale_and_expired
         b = snap.service("b-server")
         assert (b.requests, b.errors, b.in_flight, b.restarts) == (400, 3, 3, 4)
         assert b.latency.p50 == (100 * 10.0 + 300 * 20.0) / 400
+        assert b.cache_hit == (100 * 3 + 300 * 2) / (1000 + 3000)   # tokens summed over routers
         assert snap.routers_answered == 2 and len(snap.router_errors) == 1 and ":1" in snap.router_errors[0]
         sitter = snap.service("b")
         assert sitter.models == ("m1",) and sitter.restarts == 4      # taken from its backend
         assert [(m.name, m.requests, m.healthy, m.backends) for m in snap.models] == [("m1", 400, 1, ("b-server",))]
+        assert snap.models[0].cache_hit == 0.2
 
         r1_body["stats"] = _stats({"b-server": (150, 2, 0, 10.0)}, {"m1": 150})
         r2_body["stats"] = _stats({"b-server": (350, 1, 0, 20.0)}, {"m1": 350})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, http_get_json, wait_for
+from conftest import ROOT, http_get_json, http_json, wait_for
 
 DEMO = ROOT / "demo" / "integration-validation"
 DEMO_PORTS = (18000, 8000, 8100, 8101, 8200, 8201, 2379, 2380)
@@ -294,6 +294,45 @@ def test_upstream_validate_sh_parsing_passes_and_validate_passes_right_after_a_r
         assert again.stdout.startswith("{"), again.stdout + again.stderr
         checks = json.loads(again.stdout)["checks"]
         assert again.returncode == 0, [c for c in checks if not c["passed"]]
+    finally:
+        subprocess.run([str(DEMO / "stop-all.sh")], env=env, capture_output=True, timeout=60)
+        for line in _processes_using((s1, s2)):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+def test_demo_on_real_engines_validates_and_fails_when_one_engine_is_stopped(engine, pyz_path, tmp_path):
+    """run-local.sh --engine llama.cpp: four llama-servers; validate finds a real engine's evidence."""
+    s1, s2 = _two_addresses()
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "RUN_DIR": str(run_dir), "INFINILM_PYZ": str(pyz_path), "INFINILM_PYTHON": sys.executable,
+           "INFINILM_ENGINE_DIR": str(engine.server.parent.parent), "COLUMNS": "200", "READY_TIMEOUT": "90",
+           "VALIDATE_WAIT": "30"}
+    try:
+        first = _run("run-local.sh", "--engine", "llama.cpp", s1, s2, env=env, timeout=300)
+        out = first.stdout
+        assert first.returncode == 0, out + first.stderr
+        assert "9 passed, 0 failed" in out.splitlines()
+        engines = [p for p in _tree(int((run_dir / "server2.pid").read_text().split()[0]))
+                   if Path(f"/proc/{p}/exe").resolve().name == "llama-server"]
+        assert len(engines) == 2, "server 2 runs two llama-servers"
+        result = _run("validate.sh", s1, "--json", env=env, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        checks = {c["number"]: c for c in json.loads(result.stdout)["checks"]}
+        # No mock names itself here: requests are traced by the engines' own counters.
+        assert "matched by the engines' own generated-token counters" in checks[8]["detail"]
+        assert "request ids each found" not in checks[8]["detail"]
+
+        # One engine stopped through its babysitter: validate must fail.
+        status, _ = http_json("POST", f"http://{s2}:8201/stop")
+        assert status == 202
+        wait_for(lambda: not {r["name"]: r for r in http_get_json(f"http://{s1}:18000/services")[1]["services"]}
+                 ["babysitter-d-server"]["is_healthy"], timeout=20, what="the registry to see the engine stopped")
+        second = _run("validate.sh", s1, "--json", env={**env, "VALIDATE_WAIT": "0"}, timeout=120)
+        assert second.returncode == 1, second.stdout + second.stderr
+        checks = {c["number"]: c for c in json.loads(second.stdout)["checks"]}
+        assert not checks[3]["passed"] and "babysitter-d-server" in checks[3]["detail"]
+        assert not checks[7]["passed"] and "model-2" in checks[7]["detail"]
+        assert checks[5]["passed"] and checks[6]["passed"] and checks[8]["passed"]
     finally:
         subprocess.run([str(DEMO / "stop-all.sh")], env=env, capture_output=True, timeout=60)
         for line in _processes_using((s1, s2)):

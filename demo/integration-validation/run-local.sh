@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# run-local.sh [SERVER1_IP SERVER2_IP]: play both servers on this machine on two loopback addresses
-# (default 127.0.0.2 and 127.0.0.3), validate, and leave them running.
+# run-local.sh [--engine mock|llama.cpp] [SERVER1_IP SERVER2_IP]: play both servers on this machine on
+# two loopback addresses (default 127.0.0.2 and 127.0.0.3), validate, and leave them running.
+# --engine llama.cpp (or ENGINE=llama.cpp) runs llama.cpp's llama-server with two tiny llama models as
+# model-1 and model-2 instead of the mock; build them first with ./build.sh engine.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
+
+if [ "${1:-}" = "--engine" ]; then
+    [ $# -ge 2 ] || die "--engine needs a value: mock or llama.cpp"
+    ENGINE=$2; shift 2
+elif [[ "${1:-}" == --engine=* ]]; then
+    ENGINE=${1#--engine=}; shift
+fi
+export ENGINE
+use_engine
 
 S1=${1:-${SERVER1_IP:-127.0.0.2}}
 S2=${2:-${SERVER2_IP:-127.0.0.3}}

@@ -8,6 +8,7 @@ S1=${1:-${SERVER1_IP:-127.0.0.2}}
 check_ip "$S1"
 BIND=${BIND:-$S1}        # listen address; BIND=0.0.0.0 listens on every interface
 need_pyz
+use_engine
 
 start_server server1 --config "$CONFIG_DIR/server1.toml" \
     --bind "$BIND" --host "$S1" --registry-url "http://$S1:$REGISTRY_PORT"

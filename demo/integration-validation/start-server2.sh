@@ -10,6 +10,7 @@ if [ -z "$S1" ] || [ -z "$S2" ]; then die "usage: $0 SERVER1_IP SERVER2_IP"; fi
 check_ip "$S1"; check_ip "$S2"
 BIND=${BIND:-$S2}
 need_pyz
+use_engine
 
 # Like upstream: no point starting without server 1's registry.
 deadline=$((SECONDS + ${REGISTRY_WAIT:-10}))

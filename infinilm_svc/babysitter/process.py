@@ -8,7 +8,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ..config.babysitter import BabysitterConfig
+from ..config.babysitter import LLAMA_SERVER, BabysitterConfig
 from ..runtime import self_command
 from .logbook import CUT_MARK, MAX_LINE, LogBook
 
@@ -45,6 +45,12 @@ def launch_spec(config: BabysitterConfig) -> LaunchSpec:
                 "--port", port, "--host", listen, *args]
     elif b.type == "infinilm-rust":
         argv = ["xtask", "service", b.config_file or "", "-p", port, *args]
+    elif b.type == "llama.cpp":
+        argv = shlex.split(b.command or LLAMA_SERVER) + ["--model", config.resolve(b.model_path or ""),
+                                                         "--host", listen, "--port", port]
+        if b.models and not ({"-a", "--alias"} & {a.split("=", 1)[0] for a in args}):
+            argv += ["--alias", b.models[0]]   # the served name; else the engine's own (its file path)
+        argv += args
     elif b.type == "infinilm":
         argv = ["python3", "launch_server.py", "--port", port, "--host", listen, *args]
     else:  # the config check rejects other types

@@ -33,6 +33,22 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+_ERROR_WORDS = ("error", "failed", "fatal", "exception", "cannot", "unable", "no such file")
+
+
+def error_line(lines: list[str]) -> str | None:
+    """The backend's own account of why it stopped: its first line naming an error (the cause; later
+    ones tend to be consequences), else its last line."""
+    for line in lines:
+        low = line.lower()
+        if any(w in low for w in _ERROR_WORDS):
+            return line.strip()[:500]
+    for line in reversed(lines):
+        if line.strip():
+            return line.strip()[:500]
+    return None
+
+
 def parse_models(body: Any) -> list[dict]:
     """Model objects from `{"data": [...]}` or a bare list; ids as strings are accepted too."""
     items = body.get("data") if isinstance(body, dict) else body
@@ -61,6 +77,7 @@ class Supervisor:
         self.failures = 0                 # quick failures in a row (reset by a stable run)
         self.last_exit_code: int | None = None
         self.last_exit_reason: str | None = None
+        self.last_error_line: str | None = None   # the backend's own first error line when it last failed
         self.running_since: float | None = None   # unix time the backend became ready
         self.state_since = time.time()
         self.models_list: list[dict] = self._declared_models()
@@ -179,6 +196,10 @@ class Supervisor:
             self.last_exit_code, self.last_exit_reason = code, reason
             if not self._desired or self._restart_now:
                 continue  # stopped or restarted on request: no back-off, no failure counted
+            if code is not None and code > 0 and self.process is not None:   # it failed by itself
+                self.last_error_line = error_line(self._output_since(self.process.started_at))
+                if self.last_error_line:
+                    reason = f"{reason}: {self.last_error_line}"
             if time.monotonic() - self._started >= self.policy.startsecs:
                 self.failures = 0  # it had a stable run: this failure is a first one again
             self.failures += 1
@@ -193,6 +214,11 @@ class Supervisor:
             self.logbook.marker(f"backend {reason}; restarting in {delay:g} s")
             self._set_state(BACKOFF)
             await self._wait_wake(delay)
+
+    def _output_since(self, since: float) -> list[str]:
+        """The backend's own output lines (not our markers) logged since `since`."""
+        return [e.line for e in self.logbook.tail(len(self.logbook.ring))
+                if e.ts >= since and e.stream != "babysitter"]
 
     async def _wait_wake(self, timeout: float) -> None:
         """Sleep up to `timeout`, or less if a request (start/stop/restart/close) comes."""
@@ -304,6 +330,14 @@ class Supervisor:
     async def _probe(self, ready: bool) -> bool:
         """One readiness/liveness probe; on readiness the model list is (re-)read."""
         b = self.config.backend
+        if b.type == "llama.cpp":
+            # The engine's own health: 503 while it loads the model ("starting"), 200 once it serves.
+            if await self._get_status("/health") != 200:
+                return False
+            if ready:
+                body = await self.get_json("/v1/models")
+                self.models_list = parse_models(body) or self._declared_models()
+            return True
         if b.health_path and b.models:
             ok = await self._get_status(b.health_path) == 200
             if ok and ready:
@@ -350,6 +384,7 @@ class Supervisor:
             "started_at": self.process.started_at if self.process is not None else None,
             "last_exit_code": self.last_exit_code,
             "last_exit_reason": self.last_exit_reason,
+            "last_error_line": self.last_error_line,
             "backend_url": self.backend_url,
             "models": self.models,
             "state_since": round(self.state_since, 3),

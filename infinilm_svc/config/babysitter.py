@@ -1,13 +1,16 @@
 """An upstream babysitter file, accepted unchanged, plus our optional keys."""
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from .schema import check_port, check_positive, check_url, check_urls
 
-BACKEND_TYPES = ("command", "mock", "vllm", "infinilm-rust", "infinilm")
+BACKEND_TYPES = ("command", "mock", "vllm", "infinilm-rust", "infinilm", "llama.cpp")
+LLAMA_SERVER = "llama-server"         # the program of type = "llama.cpp" when `command` is not set
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -58,14 +61,14 @@ class BackendConfig:
     """The `[backend]` table: what inference server to run."""
 
     type: str
-    command: str | None = None        # command: program (a string is split like a shell would)
+    command: str | None = None        # command: program (split like a shell would); llama.cpp: llama-server
     args: tuple[str, ...] = ()        # passed as given, never re-split
     work_dir: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     model: str | None = None          # vllm
     models: tuple[str, ...] = ()      # mock; or the declared models of a backend without a model list
     config_file: str | None = None    # infinilm-rust
-    model_path: str | None = None     # infinilm
+    model_path: str | None = None     # infinilm; llama.cpp (a GGUF file)
     health_path: str | None = None    # readiness/liveness path for backends with no model list
     mock_options: tuple[str, ...] = ()  # extra `mock` flags for type = "mock" (e.g. ["--latency", "0.1"])
     mock_name: str | None = None      # the name a mock answers with (default: the babysitter's name)
@@ -75,14 +78,25 @@ class BackendConfig:
         if self.type not in BACKEND_TYPES:
             out.append(("type", f"unknown backend type {self.type!r} (one of {', '.join(BACKEND_TYPES)})"))
             return out
-        if self.type == "command":
-            if not self.command or not self.command.strip():
-                out.append(("command", 'type = "command" needs command = "program"'))
+        if self.type == "command" and (not self.command or not self.command.strip()):
+            out.append(("command", 'type = "command" needs command = "program"'))
+        elif self.type in ("command", "llama.cpp") and self.command is not None:
+            if not self.command.strip():
+                out.append(("command", "command must not be empty (leave it out to run llama-server from PATH)"))
             else:
                 try:
                     shlex.split(self.command)
                 except ValueError as exc:
                     out.append(("command", f"cannot split command: {exc}"))
+        if self.type == "llama.cpp":
+            if not self.model_path:
+                out.append(("model_path", 'type = "llama.cpp" needs model_path = "/path/to/model.gguf"'))
+            if len(self.models) > 1:
+                out.append(("models", "llama-server serves one model: models takes at most one name "
+                                      f"(its --alias), got {len(self.models)}"))
+            if self.health_path:
+                out.append(("health_path", 'type = "llama.cpp" is probed on the engine\'s own /health'))
+            return out
         if self.health_path and not self.models:
             out.append(("health_path", 'health_path is for a backend without a model list: it needs models = ["..."]'))
         if self.mock_name is not None and (self.type != "mock" or not self.mock_name.strip()):
@@ -96,6 +110,18 @@ class BackendConfig:
         if self.type == "infinilm" and not self.model_path:
             out.append(("model_path", 'type = "infinilm" needs model_path'))
         return out
+
+
+def gguf_problem(path: str) -> str | None:
+    """Why `path` cannot be a model for llama-server (missing, unreadable, not GGUF), or None."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        return f"model file {path}: {exc.strerror or exc}"
+    if magic != GGUF_MAGIC:
+        return f"model file {path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+    return None
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,20 @@ class BabysitterConfig:
         if self.token is not None and not self.token.strip():
             # An empty token would silently leave POST /restart|/stop|/start open.
             out.append(("token", "token must not be empty (leave it out to disable auth)"))
+        return out
+
+    def resolve(self, path: str) -> str:
+        """A path from the file: ~ and $VARIABLES expanded, relative to the file's directory."""
+        path = os.path.expanduser(os.path.expandvars(path))
+        return path if os.path.isabs(path) else os.path.join(self.config_dir, path)
+
+    def check_files(self) -> list[tuple[str, str]]:
+        """Files the backend needs that are missing now (check-config; at run time the engine says)."""
+        b = self.backend
+        out = []
+        if b.type == "llama.cpp" and b.model_path:
+            if (m := gguf_problem(self.resolve(b.model_path))):
+                out.append(("backend.model_path", m))
         return out
 
     def with_overrides(self, **overrides: Any) -> "BabysitterConfig":

@@ -33,14 +33,18 @@ def _is_babysitter_file(data: dict) -> bool:
     )
 
 
-def _load_babysitter(path: Path, src: Source, data: dict) -> BabysitterConfig | None:
+def _load_babysitter(path: Path, src: Source, data: dict, check_files: bool) -> BabysitterConfig | None:
     cfg = load_table(BabysitterConfig, data, src)
     if is_missing(cfg):
         return None
-    return replace(cfg, config_dir=str(path.parent.resolve()))
+    cfg = replace(cfg, config_dir=str(path.parent.resolve()))
+    if check_files:
+        for key, msg in cfg.check_files():
+            src.problem(tuple(key.split(".")), msg)
+    return cfg
 
 
-def _load_one(path: Path, problems: list[Problem], seen: set[Path]) -> NodeConfig:
+def _load_one(path: Path, problems: list[Problem], seen: set[Path], check_files: bool) -> NodeConfig:
     real = path.resolve()
     if real in seen:
         problems.append(Problem(str(path), None, "", "file is included more than once"))
@@ -50,7 +54,7 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path]) -> NodeConfi
     if data is None:
         return NodeConfig()
     if _is_babysitter_file(data):
-        b = _load_babysitter(path, src, data)
+        b = _load_babysitter(path, src, data, check_files)
         return NodeConfig(babysitters=(b,) if b else (), files=(str(path),))
     if not any(k in data for k in ("registry", "router", "babysitters")):
         src.problem((), "declares no role: expected [registry], [router], babysitters = [...] "
@@ -102,7 +106,7 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path]) -> NodeConfi
                     problems.append(Problem(str(child), None, "", "file is included more than once"))
                     continue
                 seen.add(child.resolve())
-                b = _load_babysitter(child, sub_src, sub)
+                b = _load_babysitter(child, sub_src, sub, check_files)
                 if b:
                     babysitters.append(b)
                     files.append(str(child))
@@ -115,15 +119,19 @@ def in_file_order(problems: list[Problem]) -> list[Problem]:
     return sorted(problems, key=lambda p: (rank[p.file], p.line or 0))
 
 
-def load_config_files(paths: Iterable[str | os.PathLike[str]]) -> NodeConfig:
-    """Load and merge config files; raise ConfigError listing every problem in every file."""
+def load_config_files(paths: Iterable[str | os.PathLike[str]], check_files: bool = False) -> NodeConfig:
+    """Load and merge config files; raise ConfigError listing every problem in every file.
+
+    check_files (check-config) also checks that files a backend needs (a GGUF model) exist now; a
+    running babysitter leaves that to the engine, whose own error it reports.
+    """
     problems: list[Problem] = []
     seen: set[Path] = set()
     registry = router = None
     babysitters: list[BabysitterConfig] = []
     files: list[str] = []
     for p in paths:
-        node = _load_one(Path(p), problems, seen)
+        node = _load_one(Path(p), problems, seen, check_files)
         if node.registry is not None:
             if registry is not None:
                 problems.append(Problem(str(p), None, "registry", "a second [registry]: one process hosts at most one"))

@@ -18,17 +18,26 @@ _WINDOW = 1024  # samples kept for percentiles (a power of two)
 
 _PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# The engine's own measure of its prefix cache: usage.prompt_tokens_details.cached_tokens
+# (vLLM, SGLang, llama-server and OpenAI all report it there).
+_CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
-def usage_of(data: bytes) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of an OpenAI `usage` object found in `data`, if any."""
+def usage_of(data: bytes) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached prompt) tokens of an OpenAI `usage` object in `data`, if any."""
     if b'"usage"' not in data:
         return None
     m = _PROMPT.search(data)
     c = _COMPLETION.search(data)
     if m is None and c is None:
         return None
-    return (int(m.group(1)) if m else 0, int(c.group(1)) if c else 0)
+    k = _CACHED.search(data) if b'"cached_tokens"' in data else None
+    return (int(m.group(1)) if m else 0, int(c.group(1)) if c else 0, int(k.group(1)) if k else 0)
+
+
+def hit_ratio(cached: int, prompt: int) -> float | None:
+    """The share of prompt tokens the engine served from its cache; None before any prompt."""
+    return round(cached / prompt, 4) if prompt else None
 
 
 class Samples:
@@ -71,7 +80,8 @@ class Counters:
     """Counters of one backend or one model."""
 
     __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft", "migrations",
-                 "prompt_tokens", "completion_tokens", "last_error", "last_error_at")
+                 "prompt_tokens", "completion_tokens", "cached_tokens", "usage_count", "last_error",
+                 "last_error_at")
 
     def __init__(self) -> None:
         self.request_count = 0
@@ -83,6 +93,8 @@ class Counters:
         self.ttft = Samples()
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.cached_tokens = 0          # prompt tokens the engine reports it took from its cache
+        self.usage_count = 0            # answers that carried a usage object
         self.last_error: str | None = None
         self.last_error_at: float | None = None
 
@@ -92,10 +104,17 @@ class Counters:
         self.last_error = f"{kind}: {message}"
         self.last_error_at = now
 
-    def add_tokens(self, usage: tuple[int, int] | None) -> None:
+    def add_tokens(self, usage: tuple[int, ...] | None) -> None:
         if usage is not None:
+            self.usage_count += 1
             self.prompt_tokens += usage[0]
             self.completion_tokens += usage[1]
+            if len(usage) > 2:
+                self.cached_tokens += usage[2]
+
+    @property
+    def cache_hit_ratio(self) -> float | None:
+        return hit_ratio(self.cached_tokens, self.prompt_tokens)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,7 +125,9 @@ class Counters:
             "migrations": self.migrations,
             "latency_ms": self.latency.percentiles_ms(),
             "ttft_ms": self.ttft.percentiles_ms(),
-            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens,
+                       "cached": self.cached_tokens, "answers_with_usage": self.usage_count},
+            "cache_hit_ratio": self.cache_hit_ratio,
             "last_error": self.last_error,
         }
 
@@ -126,7 +147,11 @@ class RouterCollector(Collector):
             req = CounterMetricFamily(f"{p}_requests", f"Requests per {label}", labels=[label])
             err = CounterMetricFamily(f"{p}_errors", f"Errors per {label} by kind", labels=[label, "kind"])
             inf = GaugeMetricFamily(f"{p}_in_flight", f"Requests in flight per {label}", labels=[label])
-            tok = CounterMetricFamily(f"{p}_tokens", f"Tokens reported in usage per {label}", labels=[label, "type"])
+            tok = CounterMetricFamily(f"{p}_tokens", f"Tokens reported in usage per {label} "
+                                      "(type: prompt, completion, cached = prompt tokens served from the "
+                                      "engine's cache)", labels=[label, "type"])
+            hit = GaugeMetricFamily(f"{p}_cache_hit_ratio", f"Cached prompt tokens / prompt tokens per {label}, "
+                                    "as the engine reports them", labels=[label])
             lat = HistogramMetricFamily(f"{p}_latency_seconds", f"Request latency per {label}", labels=[label])
             ttft = HistogramMetricFamily(f"{p}_ttft_seconds", f"Time to first byte per {label}", labels=[label])
             mig = CounterMetricFamily(f"{p}_migrations", f"Streams continued elsewhere after failing mid-answer, per {label}",
@@ -139,9 +164,12 @@ class RouterCollector(Collector):
                 inf.add_metric([name], c.in_flight)
                 tok.add_metric([name, "prompt"], c.prompt_tokens)
                 tok.add_metric([name, "completion"], c.completion_tokens)
+                tok.add_metric([name, "cached"], c.cached_tokens)
+                if c.prompt_tokens:
+                    hit.add_metric([name], c.cached_tokens / c.prompt_tokens)
                 lat.add_metric([name], c.latency.histogram(), c.latency.total)
                 ttft.add_metric([name], c.ttft.histogram(), c.ttft.total)
-            yield from (req, err, inf, tok, lat, ttft, mig)
+            yield from (req, err, inf, tok, hit, lat, ttft, mig)
         up = GaugeMetricFamily("infinilm_router_backend_routable", "1 if the backend receives requests",
                                labels=["backend"])
         for b in t.backends.values():

@@ -14,9 +14,10 @@ from typing import Any, AsyncIterator, Iterable
 
 import aiohttp
 
-from ..client.registry import registry_urls
 from ..client.babysitter import BabysitterClient, BabysitterError
-from .deployment import Run, chat, error_message, find_router, metadata_of, refresh_records, request_json, shorten
+from ..client.registry import registry_urls
+from .deployment import (Run, chat, engine_tokens, error_message, find_router, metadata_of, refresh_records,
+                         request_json, shorten)
 from .options import CheckResult, ExpectedService, ValidateOptions
 
 
@@ -276,18 +277,25 @@ async def _read_logs(run: Run, backend: str) -> tuple[list[str] | None, str | No
 
 
 async def check_logs(run: Run) -> CheckResult:
+    """Each request is traced to the backend that served it, by that backend's own evidence.
+
+    A backend that logs request ids (the mock, or a server logging X-Request-ID) must show each
+    request id in its own log and in no other. A real engine does not log request ids; then its own
+    generated-token counter (llama-server's /metrics) must have grown by exactly the completion
+    tokens of the answers the router says it served, and by nothing on its peers.
+    """
     name = "request logs"
     if run.router is None:
         return CheckResult(8, name, False, run.router_note or "no router")
+    await refresh_records(run)
+    backends = sorted({s.backend for s in run.options.expect_services} | {str(r.get("name")) for r in run.backends()})
+    before = {b: (await engine_tokens(run, b))[0] for b in backends}
     # Fresh requests too, so the check stands on its own when run alone.
-    for model in run.options.models:
-        for stream in (False, True):
-            await chat(run, model, stream, "log")
+    fresh = [await chat(run, model, stream, "log") for model in run.options.models for stream in (False, True)]
     traced = [a for a in run.answers if a.error is None and a.served_by and not a.served_by.startswith("?")]
     if not traced:
         return CheckResult(8, name, False, "no request was answered by a known backend, nothing to trace")
-    backends = sorted({s.backend for s in run.options.expect_services} | {a.served_by for a in traced}
-                      | {str(r.get("name")) for r in run.backends()})
+    backends = sorted(set(backends) | {a.served_by for a in traced})
     # A backend's stdout reaches its babysitter's log through a pipe, a moment after the answer:
     # read again (up to log_wait) while some request is not yet in the log of its backend.
     deadline = asyncio.get_running_loop().time() + run.options.log_wait
@@ -301,23 +309,61 @@ async def check_logs(run: Run) -> CheckResult:
                     problems.append(err or f"no log for {b}")
             else:
                 logs[b] = lines
-        pending = [a for a in traced if a.served_by in logs and not _log_has(logs[a.served_by], a.request_id)]
+        marker = f"id=validate-{run.run_id}-"
+        id_logging = {b for b, lines in logs.items() if any(marker in ln for ln in lines)}
+        pending = [a for a in traced if a.served_by in id_logging and not _log_has(logs[a.served_by], a.request_id)]
         if not pending or asyncio.get_running_loop().time() >= deadline:
             break
         await asyncio.sleep(0.2)
-    for a in traced:
+    by_log = [a for a in traced if a.served_by in id_logging]
+    for a in by_log:
         where = [b for b, lines in logs.items() if _log_has(lines, a.request_id)]
         if a.served_by in logs and a.served_by not in where:
             problems.append(f"request {a.request_id} served by {a.served_by} is not in its log")
         others = [b for b in where if b != a.served_by]
         if others:
             problems.append(f"request {a.request_id} served by {a.served_by} also appears in the log of {', '.join(others)}")
+    # Backends whose log names no request: the engine's own counters must account for the fresh answers.
+    counted = [b for b in backends if b not in id_logging and b in logs]
+    by_counter: Counter[str] = Counter()
+    want: dict[str, int] = {}
+    for b in counted:
+        served = [a for a in fresh if a.error is None and a.served_by == b]
+        if any(a.completion_tokens is None for a in served):
+            problems.append(f"{b} logs no request ids and an answer it served reported no usage to count")
+            continue
+        want[b] = sum(a.completion_tokens or 0 for a in served)
+        by_counter[b] = len(served)
+    # The engine counts a request when it finishes it, which may be a moment after the answer.
+    deadline = asyncio.get_running_loop().time() + run.options.log_wait
+    while want:
+        wrong = []
+        for b, n in sorted(want.items()):
+            after, err = await engine_tokens(run, b)
+            if (before.get(b) is None or after is None) and n == 0 and not by_counter[b]:
+                continue   # it served none of them and keeps no counters: nothing to account for
+            if before.get(b) is None or after is None:
+                wrong.append(f"{b} logs no request ids and its engine counters cannot be read: {err}")
+            elif after - before[b] != n:
+                wrong.append(f"{b}'s engine generated {after - before[b]:g} tokens during this check, but the "
+                             f"answers the router attributed to it (X-InfiniLM-Backend) carry {n}")
+        if not wrong or asyncio.get_running_loop().time() >= deadline:
+            problems += wrong
+            break
+        await asyncio.sleep(0.2)
     if problems:
         shown = problems[:6] + ([f"... and {len(problems) - 6} more"] if len(problems) > 6 else [])
         return CheckResult(8, name, False, "; ".join(shown))
-    per = Counter(a.served_by for a in traced)
-    return CheckResult(8, name, True, f"{len(traced)} request ids each found in the log of the backend that "
-                                      f"served it and in no other (" + ", ".join(f"{b} {c}" for b, c in sorted(per.items())) + ")")
+    parts = []
+    if by_log:
+        per = Counter(a.served_by for a in by_log)
+        parts.append(f"{len(by_log)} request ids each found in the log of the backend that served it and in no "
+                     f"other (" + ", ".join(f"{b} {c}" for b, c in sorted(per.items())) + ")")
+    metered = [b for b in counted if before.get(b) is not None]
+    if metered:
+        parts.append(f"{sum(by_counter[b] for b in metered)} answers matched by the engines' own generated-token "
+                     f"counters (" + ", ".join(f"{b} {by_counter[b]}" for b in metered) + ")")
+    return CheckResult(8, name, True, "; ".join(parts))
 
 
 async def check_unknown_model(run: Run) -> CheckResult:

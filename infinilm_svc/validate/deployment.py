@@ -30,6 +30,7 @@ class Answer:
     routed_to: str | None = None      # the backend the router says it used (X-InfiniLM-Backend)
     done: bool = False                # streaming: saw data: [DONE]
     error: str | None = None
+    completion_tokens: int | None = None  # from the answer's usage (streamed: the include_usage chunk)
 
 
 @dataclass
@@ -157,8 +158,10 @@ async def refresh_records(run: Run) -> None:
 async def chat(run: Run, model: str, stream: bool, tag: str) -> Answer:
     """Send one chat completion through the router with a known X-Request-ID."""
     ans = Answer(request_id=run.new_id(tag), model=model, stream=stream)
-    body = {"model": model, "stream": stream,
+    body = {"model": model, "stream": stream, "max_tokens": 16,
             "messages": [{"role": "user", "content": f"validate {ans.request_id}"}]}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     timeout = aiohttp.ClientTimeout(total=run.options.timeout)
     try:
         async with run.session.post(f"{run.router}/v1/chat/completions", json=body, timeout=timeout,
@@ -190,6 +193,7 @@ async def chat(run: Run, model: str, stream: bool, tag: str) -> Answer:
                     if isinstance(chunk, dict) and "error" in chunk:
                         ans.error = f"stream error event: {error_message(chunk)}"
                         break
+                    _take_usage(ans, chunk)
                     for choice in chunk.get("choices") or ():
                         delta = choice.get("delta") or {}
                         if isinstance(delta.get("content"), str):
@@ -199,6 +203,7 @@ async def chat(run: Run, model: str, stream: bool, tag: str) -> Answer:
                     ans.error = "the stream ended without data: [DONE]"
             else:
                 data = await resp.json(content_type=None)
+                _take_usage(ans, data)
                 try:
                     ans.content = data["choices"][0]["message"]["content"]
                 except (KeyError, IndexError, TypeError):
@@ -223,6 +228,37 @@ async def chat(run: Run, model: str, stream: bool, tag: str) -> Answer:
                      f"X-InfiniLM-Backend header naming a registered backend): {shorten(ans.content)}")
     run.answers.append(ans)
     return ans
+
+
+def _take_usage(ans: Answer, body: Any) -> None:
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+        ans.completion_tokens = usage["completion_tokens"]
+
+
+ENGINE_TOKENS_METRIC = "llamacpp:tokens_predicted_total"
+
+
+async def engine_tokens(run: Run, backend: str) -> tuple[float | None, str | None]:
+    """The engine's own count of tokens it generated (llama-server's /metrics), or why it is unknown."""
+    rec = run.record(backend)
+    url = (rec or {}).get("url")
+    if not isinstance(url, str) or not url:
+        return None, f"no URL for {backend} in the registry"
+    try:
+        status, body = await request_json(run, "GET", url.rstrip("/") + "/metrics")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return None, f"cannot read {backend}'s /metrics: {type(exc).__name__}: {exc}"
+    if status != 200 or not isinstance(body, str):
+        return None, f"{backend}'s GET /metrics answered {status} (llama-server needs --metrics)"
+    for line in body.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == ENGINE_TOKENS_METRIC:
+            try:
+                return float(parts[1]), None
+            except ValueError:
+                break
+    return None, f"{backend}'s /metrics has no {ENGINE_TOKENS_METRIC}"
 
 
 async def find_router(run: Run) -> None:
