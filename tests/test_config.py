@@ -117,7 +117,7 @@ def test_problems_are_reported_in_file_and_line_order():
 
 def test_a_listed_babysitter_file_that_does_not_exist_is_reported_at_the_node_files_line(tmp_path):
     node = tmp_path / "node.toml"
-    node.write_text('babysitters = ["a.toml", "missing.toml"]\n[registry]\nport = 70000\n')
+    node.write_text('babysitters = ["a.toml", "missing.toml"]\n[registry]\nport = 70000\nbind = "127.0.0.1"\n')
     (tmp_path / "a.toml").write_text((UP / "mock-type.toml").read_text())
     msgs = problems_of(tmp_path, node.read_text(), "node.toml")
     assert msgs[0].startswith(f"{node}:1: babysitters: 'missing.toml': no such babysitter file"), msgs

@@ -160,7 +160,7 @@ def test_etcd_store_config_is_checked():
     assert "expected an http" in problems["etcd_endpoints"]
     assert "etcd_prefix" in problems and "state_file" in problems
     assert "unknown store" in dict(RegistryConfig(store="disk").check())["store"]
-    assert json.dumps(RegistryConfig().check()) == "[]"
+    assert json.dumps(RegistryConfig(bind="127.0.0.1").check()) == "[]"
 
 
 async def test_a_member_that_loses_its_quorum_makes_the_registry_stale_not_silent(aiohttp_client, tmp_path):

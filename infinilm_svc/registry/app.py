@@ -251,7 +251,7 @@ async def _background(app: web.Application):
     cfg = app[CONFIG]
     app[SESSION] = aiohttp.ClientSession()
     try:
-        await app[STORE].start(app[SESSION])
+        await app[STORE].start(app[SESSION], app[TASKS])
     except BaseException:
         await app[SESSION].close()
         raise

@@ -162,7 +162,7 @@ class EtcdStore:
         return f"{self.prefix}{kind}/{name}"
 
     # -- life cycle ------------------------------------------------------------------------------
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self, session: aiohttp.ClientSession, tasks: object = None) -> None:
         self.client = EtcdClient(session, self.config.etcd_endpoints, request_timeout=self.config.etcd_timeout,
                                  deadline=self.config.etcd_timeout * 2)
         try:

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from ..background import TaskSupervisor
 from ..config import RegistryConfig
 from .store import StateWriter, load_state
 from .table import ServiceTable
@@ -25,7 +26,7 @@ class Store(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    async def start(self, session: aiohttp.ClientSession) -> None: ...
+    async def start(self, session: aiohttp.ClientSession, tasks: TaskSupervisor | None = None) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -47,24 +48,27 @@ class MemoryStore:
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
         self.table = ServiceTable(config.heartbeat_ttl, config.expire_after)
-        self._tasks: list[asyncio.Task] = []
+        self._own: TaskSupervisor | None = None     # when not started under the app's supervisor
         self._writer: StateWriter | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"store": self.kind}
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self, session: aiohttp.ClientSession, tasks: TaskSupervisor | None = None) -> None:
+        """Restore the state file, then run the sweep (and the state writer) under `tasks`."""
         cfg = self.config
         if cfg.state_file:
             load_state(cfg.state_file, self.table)
             self._writer = StateWriter(cfg.state_file, self.table)
-            self._tasks.append(asyncio.create_task(self._writer.run(), name="registry-state"))
-        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="registry-sweep"))
+        if tasks is None:
+            tasks = self._own = TaskSupervisor("registry")
+        if self._writer is not None:
+            tasks.spawn("state", self._writer.run)
+        tasks.spawn("sweep", self._sweep_loop)
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own is not None:
+            await self._own.close()
         if self._writer is not None:
             self._writer.flush()
 
