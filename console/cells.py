@@ -28,7 +28,7 @@ SERVICE_COLUMNS: list[tuple[str, str]] = [
 ]
 # What a narrow terminal gives up first (`console --once`); names, states and numbers of requests,
 # errors and requests in flight are never dropped.
-DROP_FIRST = ("p90", "role", "address", "p99", "models", "restarts", "p50", "hb", "backends", "rate", "lost")
+DROP_FIRST = ("p90", "cache", "role", "address", "p99", "models", "restarts", "p50", "hb", "backends", "rate", "lost")
 
 MODEL_COLUMNS: list[tuple[str, str]] = [
     ("name", "MODEL"), ("healthy", "HEALTHY"), ("backends", "BACKENDS"), ("lost", "LOST RECENTLY"), ("rate", "REQ/S"),
