@@ -250,6 +250,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--fleet", type=int, default=1000, help="backends of the fleet contender (0: skip it)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are printed")
     p.add_argument("--bare", action="store_true", help="also run a bare aiohttp ClientSession proxy")
+    p.add_argument("--only", default="", help="comma-separated words: run only the contenders whose label has one")
     p.add_argument("--vllm-router", default=shutil.which("vllm-router") or "/tmp/vr-venv/bin/vllm-router")
     a = p.parse_args(argv)
     procs = Procs()
@@ -290,6 +291,9 @@ def main(argv: list[str]) -> int:
         else:
             print(f"vllm-router not found at {a.vllm_router}: skipped")
 
+        if a.only:
+            words = [w.strip() for w in a.only.split(",") if w.strip()]
+            contenders = [c for c in contenders if any(w in c[0] for w in words)]
         print(f"backends: {a.backends} mocks ({a.fleet} in the fleet row); {a.requests} requests at concurrency "
               f"{a.concurrency}; streams of {a.chunks} content chunks {a.chunk_interval * 1000:g} ms apart; "
               f"{a.rounds} rounds (medians); {os.cpu_count()} CPUs\n")
