@@ -12,6 +12,7 @@ from .data import Latency, LogLine, ModelRow, ServiceRow
 STATE_KIND = {
     "running": "success", "healthy": "success",
     "starting": "warning", "backoff": "warning", "stopping": "warning", "stale": "warning",
+    "unresponsive": "error",
     "fatal": "error", "expired": "error", "stopped": "error", "unknown": "error",
 }
 
