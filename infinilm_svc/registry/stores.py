@@ -8,7 +8,8 @@ from typing import Any, Protocol
 import aiohttp
 
 from ..config import RegistryConfig
-from .store import StateWriter, load_state
+from ..errors import ApiError
+from .store import StateFile, StateNotSaved
 from .table import ServiceTable
 
 log = logging.getLogger(__name__)
@@ -39,52 +40,87 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """Today's registry: the table lives in this process (optionally saved to a state file)."""
+    """Today's registry: the table lives in this process, optionally kept in a state file.
+
+    With a state file, a change is answered only once it is on disk; one that cannot be saved is
+    answered 503 (it stays in memory and is saved once the file can be written again) and the
+    registry says `degraded` until then.
+    """
 
     kind = "memory"
-    stale = False
 
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
         self.table = ServiceTable(config.heartbeat_ttl, config.expire_after)
         self._tasks: list[asyncio.Task] = []
-        self._writer: StateWriter | None = None
+        self._state: StateFile | None = StateFile(config.state_file) if config.state_file else None
+
+    @property
+    def stale(self) -> bool:
+        return self._state is not None and self._state.error is not None
 
     def describe(self) -> dict[str, Any]:
-        return {"store": self.kind}
+        out: dict[str, Any] = {"store": self.kind}
+        if self._state is not None:
+            out["state_file"] = {"path": self._state.path, "error": self._state.error}
+        return out
 
     async def start(self, session: aiohttp.ClientSession) -> None:
-        cfg = self.config
-        if cfg.state_file:
-            load_state(cfg.state_file, self.table)
-            self._writer = StateWriter(cfg.state_file, self.table)
-            self._tasks.append(asyncio.create_task(self._writer.run(), name="registry-state"))
+        if self._state is not None:
+            await self._state.load(self.table)
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="registry-sweep"))
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._writer is not None:
-            self._writer.flush()
+        if self._state is not None:
+            await self._state.close()
 
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.sweep_interval)
             for name in self.table.sweep():
                 log.warning("expired %s: no heartbeat for %.0f s", name, self.config.expire_after)
+                if self._state is not None:
+                    self._state.mark(name, None)
+
+    async def _save(self, name: str, rec: dict | None) -> None:
+        if self._state is None:
+            return
+        self._state.mark(name, rec)
+        try:
+            await self._state.saved()
+        except StateNotSaved as exc:
+            raise ApiError(503, f"the change could not be saved, so it is not acknowledged: {exc}; "
+                                "the registry keeps trying to save it", code="state_not_saved",
+                           headers={"Retry-After": "1"}) from exc
 
     async def register(self, fields: dict) -> dict:
-        return self.table.register(fields)
+        rec = self.table.register(fields)
+        await self._save(rec["name"], rec)
+        return rec
 
     async def update(self, name: str, fields: dict) -> dict | None:
-        return self.table.update(name, fields)
+        rec = self.table.update(name, fields)
+        if rec is not None:
+            await self._save(name, rec)
+        return rec
 
     async def heartbeat(self, name: str, status: str | None = None, metadata: dict | None = None) -> dict | None:
-        return self.table.heartbeat(name, status, metadata)
+        before = self.table.index
+        rec = self.table.heartbeat(name, status, metadata)
+        # Only a heartbeat that changed the status or metadata is written (the time of the last
+        # heartbeat is not kept: a restored record counts as freshly heartbeated).
+        if rec is not None and self.table.index != before and (status is not None or metadata):
+            await self._save(name, rec)
+        return rec
 
     async def deregister(self, name: str) -> bool:
-        return self.table.deregister(name)
+        if not self.table.deregister(name):
+            return False
+        await self._save(name, None)
+        return True
 
 
 def make_store(config: RegistryConfig) -> Store:
