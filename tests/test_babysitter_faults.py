@@ -155,3 +155,21 @@ def test_a_port_held_by_someone_else_is_named_not_retried_blindly(procs, tmp_pat
     finally:
         squatter.close()
     wait_for(lambda: status(port)["state"] == "running", timeout=20, what="running once the port is free")
+
+
+def test_a_restarted_registry_gets_both_records_back_at_once_not_at_the_next_heartbeat(procs, tmp_path):
+    """heartbeat_interval 30 s: the parked /epoch watch sees the registry go and a new epoch come."""
+    reg_proc, reg = start_registry(procs, tmp_path)
+    port = free_port(pair=True)
+    cfg = write_babysitter(tmp_path, "bs-epoch", port, MOCK, registry=reg, policy={"heartbeat_interval": 30})
+    start_babysitter(procs, cfg)
+    wait_for(lambda: (r := record(reg, "bs-epoch-server")) and r["status"] == "running", what="registered")
+    old = http_get_json(f"http://127.0.0.1:{reg}/health")[1]["epoch"]
+    reg_proc.send_signal(signal.SIGTERM)
+    reg_proc.wait(timeout=10)
+    start_registry(procs, tmp_path, reg)
+    restarted = time.monotonic()
+    assert http_get_json(f"http://127.0.0.1:{reg}/health")[1]["epoch"] != old
+    wait_for(lambda: record(reg, "bs-epoch") and (r := record(reg, "bs-epoch-server")) and r["status"] == "running",
+             timeout=10, what="both records back well before the next heartbeat (30 s)")
+    print(f"records back {time.monotonic() - restarted:.2f} s after the new registry answered (heartbeat 30 s)")

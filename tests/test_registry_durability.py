@@ -142,3 +142,36 @@ async def test_leftover_temporary_files_are_removed_at_start(aiohttp_client, tmp
     assert not left.exists()
     assert (await c.post("/services", json=service("a"))).status == 201
     assert saved_names(state) == {"a"}
+
+
+def test_a_registry_shutting_down_answers_its_parked_watches_at_once(procs, tmp_path):
+    """SIGTERM: a watch parked for 60 s is answered (200) at once and the registry exits without waiting for it."""
+    import threading
+    proc, port = start_registry(procs, tmp_path, tmp_path / "r.db")
+    index = http_get_json(f"http://127.0.0.1:{port}/health")[1]["index"]
+    answer: list = []
+    t = threading.Thread(target=lambda: answer.append(
+        http_get_json(f"http://127.0.0.1:{port}/services?index={index}&wait=60s", timeout=70)))
+    t.start()
+    wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/stats")[1]["watchers"] == 1, what="the watch parked")
+    sent = __import__("time").monotonic()
+    proc.send_signal(signal.SIGTERM)
+    t.join(timeout=3)
+    took = __import__("time").monotonic() - sent
+    assert answer and answer[0][0] == 200, f"the parked watch was not answered within 3 s (registry still running: {proc.poll() is None})"
+    assert proc.wait(timeout=3) == 0
+    print(f"parked watch answered {took:.2f} s after SIGTERM")
+
+
+def test_every_answer_carries_the_epoch_which_a_state_file_keeps_across_restarts(procs, tmp_path):
+    import urllib.request
+    state = tmp_path / "r.db"
+    proc, port = start_registry(procs, tmp_path, state)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/services") as resp:
+        epoch = resp.headers["X-Registry-Epoch"]
+    assert epoch and http_get_json(f"http://127.0.0.1:{port}/health")[1]["epoch"] == epoch
+    assert http_get_json(f"http://127.0.0.1:{port}/epoch")[1] == {"epoch": epoch, "closing": False}
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=10)
+    start_registry(procs, tmp_path, state, port)   # the same table: the same epoch
+    assert http_get_json(f"http://127.0.0.1:{port}/health")[1]["epoch"] == epoch

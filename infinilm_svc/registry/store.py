@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class StateFile:
         self._waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self.epoch: str | None = None          # the table's identity, kept in the file
 
     # -- start ---------------------------------------------------------------------------
     async def load(self, table: ServiceTable) -> int:
@@ -70,12 +72,24 @@ class StateFile:
             self._connect()
             rows = []
         records = [json.loads(r[0]) for r in rows]
+        self.epoch = self._epoch()
         if legacy is not None:
             with self._db:  # type: ignore[union-attr]
                 self._db.executemany("INSERT OR REPLACE INTO services (name, record) VALUES (?, ?)",  # type: ignore[union-attr]
                                      [(r["name"], _row(r)) for r in legacy if isinstance(r, dict) and isinstance(r.get("name"), str)])
             records = legacy
         return records
+
+    def _epoch(self) -> str:
+        db = self._db
+        assert db is not None
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        if row is not None:
+            return str(row[0])
+        epoch = uuid.uuid4().hex
+        db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", (epoch,))
+        return epoch
 
     def _connect(self) -> None:
         if self._db is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any, Protocol
 
 import aiohttp
@@ -20,6 +21,7 @@ class Store(Protocol):
 
     kind: str
     table: ServiceTable
+    epoch: str          # the table's identity: changes when a registry starts with a table it did not keep
 
     @property
     def stale(self) -> bool: ...
@@ -54,6 +56,8 @@ class MemoryStore:
         self.table = ServiceTable(config.heartbeat_ttl, config.expire_after)
         self._tasks: list[asyncio.Task] = []
         self._state: StateFile | None = StateFile(config.state_file) if config.state_file else None
+        # The table's identity: new with every start, unless a state file brings the table back.
+        self.epoch = uuid.uuid4().hex
 
     @property
     def stale(self) -> bool:
@@ -68,6 +72,7 @@ class MemoryStore:
     async def start(self, session: aiohttp.ClientSession) -> None:
         if self._state is not None:
             await self._state.load(self.table)
+            self.epoch = self._state.epoch or self.epoch
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="registry-sweep"))
 
     async def close(self) -> None:
