@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 
 from conftest import free_port, http_get_json, wait_for
@@ -112,7 +113,6 @@ GRANDCHILD = "{py} -m infinilm_svc mock --name bs-left --port {port} --models mo
 
 def test_a_restarted_babysitter_ends_the_backend_its_killed_predecessor_left(procs, tmp_path):
     """The pid file beside the log names the old backend's group; the new babysitter ends it, then starts."""
-    import sys
     port = free_port(pair=True)
     cfg = write_babysitter(tmp_path, "bs-left", port,
                            {"type": "command", "command": "sh", "args": ["-c", GRANDCHILD.format(py=sys.executable, port=port)]})

@@ -6,6 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +17,7 @@ import pytest
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 
-from conftest import free_port, http_get_json, wait_for
+from conftest import free_port, http_get_json, http_json, wait_for
 from test_registry_state import saved_names
 
 PY = sys.executable
@@ -100,7 +103,6 @@ def test_a_full_disk_answers_503_and_degraded_never_an_unsaved_201(procs, tmp_pa
         state = disk / "registry.db"
         proc, port = start_registry(procs, tmp_path, state)
         base = f"http://127.0.0.1:{port}"
-        from conftest import http_json
         assert http_json("POST", f"{base}/services", service("before"))[0] == 201
         filler = _fill(disk)
         acked, refused, answer = [], [], None
@@ -146,7 +148,6 @@ async def test_leftover_temporary_files_are_removed_at_start(aiohttp_client, tmp
 
 def test_a_registry_shutting_down_answers_its_parked_watches_at_once(procs, tmp_path):
     """SIGTERM: a watch parked for 60 s is answered (200) at once and the registry exits without waiting for it."""
-    import threading
     proc, port = start_registry(procs, tmp_path, tmp_path / "r.db")
     index = http_get_json(f"http://127.0.0.1:{port}/health")[1]["index"]
     answer: list = []
@@ -154,17 +155,16 @@ def test_a_registry_shutting_down_answers_its_parked_watches_at_once(procs, tmp_
         http_get_json(f"http://127.0.0.1:{port}/services?index={index}&wait=60s", timeout=70)))
     t.start()
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/stats")[1]["watchers"] == 1, what="the watch parked")
-    sent = __import__("time").monotonic()
+    sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     t.join(timeout=3)
-    took = __import__("time").monotonic() - sent
+    took = time.monotonic() - sent
     assert answer and answer[0][0] == 200, f"the parked watch was not answered within 3 s (registry still running: {proc.poll() is None})"
     assert proc.wait(timeout=3) == 0
     print(f"parked watch answered {took:.2f} s after SIGTERM")
 
 
 def test_every_answer_carries_the_epoch_which_a_state_file_keeps_across_restarts(procs, tmp_path):
-    import urllib.request
     state = tmp_path / "r.db"
     proc, port = start_registry(procs, tmp_path, state)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/services") as resp:
