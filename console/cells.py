@@ -14,6 +14,7 @@ from .rows import GONE_STATES, Latency, ModelRow, Route, ServiceRow
 STATE_KIND = {
     "running": "success", "healthy": "success",
     "starting": "warning", "backoff": "warning", "stopping": "warning", "stale": "warning",
+    "unresponsive": "error",
     "fatal": "error", "expired": "error", "stopped": "error", "unknown": "error", "gone": "muted",
 }
 

@@ -32,14 +32,15 @@ def toml_value(v) -> str:
 
 def write_babysitter(tmp_path: Path, name: str, port: int, backend: dict, registry: int | None = None,
                      policy: dict | None = None, top: dict | None = None, env: dict | None = None,
-                     metadata: dict | None = None) -> Path:
+                     metadata: dict | None = None, base: dict | None = None) -> Path:
+    """A babysitter file; the `[babysitter]` table is `base` (default: the fast FAST timings) plus `policy`."""
     lines = [f'name = "{name}"', 'host = "127.0.0.1"', 'bind = "127.0.0.1"', f"port = {port}"]
     if registry:
         lines.append(f'registry_url = "http://127.0.0.1:{registry}"')
     for k, v in (top or {}).items():
         lines.append(f"{k} = {toml_value(v)}")
     lines.append("[babysitter]")
-    for k, v in {**FAST, **(policy or {})}.items():
+    for k, v in {**(FAST if base is None else base), **(policy or {})}.items():
         lines.append(f"{k} = {toml_value(v)}")
     lines.append("[backend]")
     for k, v in backend.items():

@@ -233,7 +233,8 @@ def create_app(config: BabysitterConfig) -> web.Application:
     app[LOGBOOK] = logbook = LogBook(config.service_name, policy.log_ring_lines, file, policy.log_ring_bytes)
     # The HTTP session is attached in cleanup_ctx; the objects exist from the start so handlers
     # always find them.
-    supervisor = app[SUPERVISOR] = Supervisor(config, logbook, None)
+    supervisor = app[SUPERVISOR] = Supervisor(config, logbook, None,
+                                              pid_file=os.path.splitext(log_path(config))[0] + ".pid")
     supervisor.listeners.append(lambda state: log.info("%s: backend %s", config.service_name, state))
     registration = None
     if config.registry_url:

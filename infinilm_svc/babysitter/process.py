@@ -2,17 +2,42 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..config.babysitter import LLAMA_SERVER, BabysitterConfig
 from ..runtime import self_command
 from .logbook import CUT_MARK, MAX_LINE, LogBook
 
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when the babysitter dies, even by kill -9.
+
+    Linux only (prctl PR_SET_PDEATHSIG; it survives the exec of the backend's program). libc is
+    looked up here, in the parent: nothing but the system call runs in the forked child.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the babysitter died before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
 
 
 @dataclass(frozen=True)
@@ -86,7 +111,8 @@ class BackendProcess:
         """Start the child (raises OSError if it cannot be executed)."""
         proc = await asyncio.create_subprocess_exec(
             *spec.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=spec.env, cwd=spec.cwd, start_new_session=True)
+            stderr=asyncio.subprocess.PIPE, env=spec.env, cwd=spec.cwd, start_new_session=True,
+            preexec_fn=die_with_parent())
         return cls(proc, logbook)
 
     async def _wait(self) -> int:
@@ -145,6 +171,9 @@ class BackendProcess:
         """Send `sig` to the whole group, wait up to `timeout`, then KILL the group; the exit code."""
         if self.proc.returncode is None:
             self._signal_group(sig)
+            if sig != signal.SIGKILL:
+                # A stopped (SIGSTOPped) backend only sees the signal once it runs again.
+                self._signal_group(signal.SIGCONT)
             try:
                 await asyncio.wait_for(asyncio.shield(self.exited), timeout)
             except asyncio.TimeoutError:

@@ -16,7 +16,14 @@ log = logging.getLogger(__name__)
 
 
 class Registration:
-    """Registers `N` and `N-server`, heartbeats both, and re-registers whenever the registry forgot them."""
+    """Registers `N` and `N-server`, heartbeats both, and re-registers whenever the registry forgot them.
+
+    It also parks one `GET /epoch?wait=` on the registry: when the registry goes away the answer
+    (or the dropped connection) says so at once, and a registry that answers with another epoch
+    (a new table) gets both records again right away, not at the next heartbeat.
+    """
+
+    EPOCH_WAIT = 120.0
 
     def __init__(self, config: BabysitterConfig, supervisor: Supervisor, session: aiohttp.ClientSession | None) -> None:
         self.config = config
@@ -37,6 +44,8 @@ class Registration:
         self.expected: dict[str, tuple] = {}
         self.overwritten = 0            # times the registry held someone else's record under our name
         self.ttl_warning: str | None = None
+        self._watch: asyncio.Task | None = None
+        self.epoch: str | None = None     # the registry's epoch when both records were registered
 
     # --- records -------------------------------------------------------------------------------
 
@@ -81,8 +90,10 @@ class Registration:
     def start(self, tasks: TaskSupervisor | None = None) -> None:
         if tasks is not None:
             self._task = tasks.spawn("registration", self._loop).task
+            self._watch = tasks.spawn("registry-epoch", self._watch_epoch).task
         else:
             self._task = asyncio.create_task(self._loop(), name=f"registration {self.config.service_name}")
+            self._watch = asyncio.create_task(self._watch_epoch(), name=f"registry epoch {self.config.service_name}")
 
     async def _register(self) -> None:
         for name, port, meta in ((self.config.service_name, self.config.api_port, self.babysitter_metadata()),
@@ -90,6 +101,7 @@ class Registration:
             record = self._record(name, port, meta)
             stored = await self.client.register(record)
             self.expected[name] = _identity(stored if stored else record)
+        self.epoch = self.client.epoch
         self._check_ttl()
 
     def _check_ttl(self) -> None:
@@ -136,6 +148,8 @@ class Registration:
                     log.warning("%s: %s; registering again", self.config.service_name, why)
                     self.registered = False
                     continue
+                elif self._new_epoch(self.client.epoch):
+                    continue
                 self.last_ok = time.time()
                 if self.last_error is not None:
                     log.info("%s: the registry answers again", self.config.service_name)
@@ -154,12 +168,43 @@ class Registration:
             except asyncio.TimeoutError:
                 pass
 
+    def _new_epoch(self, epoch: str | None) -> bool:
+        """True (and registration is due) if the registry now answers with another table's epoch."""
+        if not self.registered or epoch is None or self.epoch is None or epoch == self.epoch:
+            return False
+        log.warning("%s: the registry has a new table (epoch %s, was %s); registering again",
+                    self.config.service_name, epoch, self.epoch)
+        self.registered = False
+        self._poke.set()
+        return True
+
+    async def _watch_epoch(self) -> None:
+        """Park on the registry's /epoch; a registry that went away and came back is seen at once."""
+        pause, wait = 0.1, 0.0   # the first look, and the first after trouble, does not park
+        while True:
+            try:
+                body = await self.client.wait_epoch(wait)
+            except (RegistryUnavailable, RegistryRejected):
+                await asyncio.sleep(pause)
+                pause, wait = min(pause * 2, 2.0), 0.0
+                continue
+            if body is None:
+                return  # a registry without /epoch (upstream's): heartbeats alone tell
+            self._new_epoch(body.get("epoch"))
+            if body.get("closing"):
+                await asyncio.sleep(pause)  # it is going away: look again soon, not in a tight loop
+                wait = 0.0
+            else:
+                pause, wait = 0.1, self.EPOCH_WAIT
+
     async def close(self) -> None:
         """Stop heartbeating and remove both records (best effort, briefly)."""
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._watch, self._task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         for name in (self.config.server_name, self.config.service_name):

@@ -12,13 +12,16 @@ import aiohttp
 from ..background import TaskSupervisor
 from ..config.babysitter import BabysitterConfig
 from .logbook import LogBook
+from .pidfile import end_leftover, port_holder, port_in_use, remove_pid_file, write_pid_file
 from .process import BackendProcess, launch_spec, probe_host, signal_number
 
 log = logging.getLogger(__name__)
 
-# Backend states (supervisord's vocabulary); only RUNNING is routable.
+# Backend states (supervisord's vocabulary, plus UNRESPONSIVE: alive but its last liveness probe
+# went unanswered); only RUNNING is routable.
 STARTING, RUNNING, BACKOFF, FATAL, STOPPING, STOPPED = "starting", "running", "backoff", "fatal", "stopping", "stopped"
-STATES = (STARTING, RUNNING, BACKOFF, FATAL, STOPPING, STOPPED)
+UNRESPONSIVE = "unresponsive"
+STATES = (STARTING, RUNNING, UNRESPONSIVE, BACKOFF, FATAL, STOPPING, STOPPED)
 
 
 def describe_exit(code: int | None) -> str:
@@ -66,8 +69,10 @@ def parse_models(body: Any) -> list[dict]:
 class Supervisor:
     """Keeps one backend running and says, at every moment, what state it is really in."""
 
-    def __init__(self, config: BabysitterConfig, logbook: LogBook, session: aiohttp.ClientSession | None) -> None:
+    def __init__(self, config: BabysitterConfig, logbook: LogBook, session: aiohttp.ClientSession | None,
+                 pid_file: str | None = None) -> None:
         self.config = config
+        self.pid_file = pid_file          # the running backend's pid, for the next babysitter if we are killed
         self.policy = config.babysitter
         self.logbook = logbook
         self.session = session
@@ -90,6 +95,7 @@ class Supervisor:
         self._task: asyncio.Task | None = None
         self._base = f"http://{probe_host(config)}:{config.port}"
         self._probe_timeout = aiohttp.ClientTimeout(total=self.policy.health_timeout)
+        self._live_path: str | None = None  # the model-list path that answered at readiness
 
     # --- public --------------------------------------------------------------------------------
 
@@ -157,6 +163,8 @@ class Supervisor:
                 log.exception("supervisor of %s failed", self.config.service_name)
         if self.process is not None and self.process.returncode is None:
             await self._stop_process("babysitter shutting down")
+        if self.process is not None and self.process.returncode is not None:
+            self._forget(self.process)
         self._set_state(STOPPED)
 
     # --- the loop ------------------------------------------------------------------------------
@@ -234,6 +242,8 @@ class Supervisor:
         self.running_since = None
         spec = launch_spec(self.config)
         self._started = time.monotonic()
+        if (held := await self._port_held()) is not None:
+            return None, held
         try:
             self.process = await BackendProcess.spawn(spec, self.logbook)
         except OSError as exc:
@@ -241,6 +251,11 @@ class Supervisor:
             return None, f"could not be started ({spec.argv[0]}: {exc.strerror or exc})"
         proc = self.process
         self.logbook.marker(f"backend started (pid {proc.pid}): {' '.join(spec.argv)}")
+        if self.pid_file:
+            try:
+                write_pid_file(self.pid_file, proc.pid, spec.argv)
+            except OSError as exc:
+                log.warning("%s: cannot write %s: %s", self.config.service_name, self.pid_file, exc)
         outcome = await self._until_ready(proc)
         if outcome != "ready":
             return await self._finish(proc, None if outcome == "exited" else outcome)
@@ -251,16 +266,36 @@ class Supervisor:
         why = await self._while_alive(proc)
         return await self._finish(proc, why)
 
+    async def _port_held(self) -> str | None:
+        """Before a start: end what a killed babysitter left behind; say who else holds the port."""
+        if self.pid_file and (ended := await end_leftover(self.pid_file)):
+            self.logbook.marker(ended)
+            log.warning("%s: %s", self.config.service_name, ended)
+        host = probe_host(self.config)
+        if not await asyncio.to_thread(port_in_use, host, self.config.port):
+            return None
+        holder = await asyncio.to_thread(port_holder, self.config.port)
+        why = f"could not be started: port {self.config.port} is held by {holder}, not by a backend of this babysitter"
+        log.error("%s: %s", self.config.service_name, why)
+        return why
+
     async def _finish(self, proc: BackendProcess, why: str | None) -> tuple[int | None, str]:
         """Make sure the process is gone; `why` is None when it exited by itself."""
         if why is None:
             code = await proc.exited
             await proc.drain(0.5)
+            self._forget(proc)
             return code, describe_exit(code)
         if proc.returncode is None:
             await self._stop_process(why)
         code = await proc.exited
+        self._forget(proc)
         return code, f"{why} ({describe_exit(code)})"
+
+    def _forget(self, proc: BackendProcess) -> None:
+        """The backend and its group are gone (the exit watcher KILLed the group): drop the pid file."""
+        if self.pid_file:
+            remove_pid_file(self.pid_file)
 
     async def _stop_process(self, why: str) -> None:
         proc = self.process
@@ -307,7 +342,11 @@ class Supervisor:
             pause = min(pause * 2, 1.0, self.policy.health_interval)
 
     async def _while_alive(self, proc: BackendProcess) -> str | None:
-        """Liveness: None when the process exits by itself; else why it has to be stopped."""
+        """Liveness: None when the process exits by itself; else why it has to be stopped.
+
+        The first unanswered probe makes the backend UNRESPONSIVE (not routable, the registry is
+        told at once); an answer makes it RUNNING again; `liveness_failures` in a row restart it.
+        """
         failed = 0
         while True:
             await self._wait_exit_or_wake(proc, self.policy.health_interval)
@@ -318,17 +357,26 @@ class Supervisor:
             if self.failures and time.monotonic() - self._started >= self.policy.startsecs:
                 self.failures = 0  # a stable run: the next failure is a first one again
             if await self._probe(ready=False):
+                if self.state == UNRESPONSIVE:
+                    self.logbook.marker(f"backend answers again after {failed} failed liveness probe(s)")
+                    self._set_state(RUNNING)
                 failed = 0
                 continue
             if proc.returncode is not None:
                 return None
             failed += 1
             self.logbook.marker(f"liveness probe failed ({failed}/{self.policy.liveness_failures})")
+            if failed < self.policy.liveness_failures and self.state == RUNNING:
+                self._set_state(UNRESPONSIVE)
             if failed >= self.policy.liveness_failures:
                 return f"not answering: {failed} liveness probes failed"
 
     async def _probe(self, ready: bool) -> bool:
-        """One readiness/liveness probe; on readiness the model list is (re-)read."""
+        """One readiness/liveness probe; on readiness the model list is (re-)read.
+
+        Liveness asks only the path that answered at readiness: a hung backend then costs one
+        `health_timeout` per probe, not one per path tried.
+        """
         b = self.config.backend
         if b.type == "llama.cpp":
             # The engine's own health: 503 while it loads the model ("starting"), 200 once it serves.
@@ -343,7 +391,10 @@ class Supervisor:
             if ok and ready:
                 self.models_list = self._declared_models()
             return ok
-        for path in ("/v1/models", "/models"):
+        paths = ("/v1/models", "/models")
+        if not ready and self._live_path is not None:
+            paths = (self._live_path,)
+        for path in paths:
             body = await self.get_json(path)
             if body is None:
                 continue
@@ -351,6 +402,8 @@ class Supervisor:
             if models:
                 if ready or [m["id"] for m in models] != self.models:
                     self.models_list = models
+                if ready:
+                    self._live_path = path
                 return True
         return False
 

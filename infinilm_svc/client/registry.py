@@ -62,6 +62,7 @@ class RegistryClient:
         self.failovers = 0
         self.last_failover: dict[str, Any] | None = None
         self.heartbeat_ttl: float | None = None   # as the registry last told it (register/heartbeat answers)
+        self.epoch: str | None = None     # X-Registry-Epoch of the last answer: the table's identity
 
     @property
     def url(self) -> str:
@@ -109,6 +110,7 @@ class RegistryClient:
                     body = await resp.json(content_type=None)
                 except (ValueError, aiohttp.ContentTypeError):
                     body = None
+                self.epoch = resp.headers.get("X-Registry-Epoch", self.epoch)
                 return resp.status, body, resp.headers
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise RegistryUnavailable(f"{method} {url}{path}: {type(exc).__name__}: {exc}") from exc
@@ -190,6 +192,15 @@ class RegistryClient:
         except ValueError:
             idx = 0
         return list(body.get("services", [])) if isinstance(body, dict) else [], idx
+
+    async def wait_epoch(self, wait: float) -> dict | None:
+        """GET /epoch?wait=: answers when `wait` ends or the registry shuts down; None if it has no /epoch."""
+        timeout = aiohttp.ClientTimeout(total=wait + (self.timeout.total or 0), sock_connect=self.timeout.sock_connect)
+        code, body, _ = await self._call("GET", "/epoch", params={"wait": f"{wait:g}s"}, timeout=timeout)
+        if code == 404:
+            return None
+        self._raise_for(code, body)
+        return body if isinstance(body, dict) else {}
 
     async def health(self) -> dict:
         code, body, _ = await self._call("GET", "/health")

@@ -23,8 +23,8 @@ class SupervisionConfig:
     backoff_max: float = 60.0
     startsecs: float = 60.0           # up this long = a stable run; resets the failure counter
     ready_timeout: float = 900.0      # not ready in this long = kill and restart (real LLMs load slowly)
-    health_interval: float = 5.0      # liveness probe period once running
-    health_timeout: float = 5.0
+    health_interval: float = 1.0      # liveness probe period once running
+    health_timeout: float = 2.0       # a probe unanswered this long: UNRESPONSIVE (hang seen in <= 3 s)
     liveness_failures: int = 3        # consecutive failed probes before a restart
     stop_timeout: float = 10.0        # stopwaitsecs: TERM, wait this long, then KILL
     stopsignal: str = "TERM"

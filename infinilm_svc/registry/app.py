@@ -32,6 +32,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 TASKS = web.AppKey("tasks", TaskSupervisor)
 KEYS = web.AppKey("keys", KeyRing)
+CLOSING = web.AppKey("closing", asyncio.Event)  # set at shutdown: parked /epoch waits answer
 
 _WAIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 
@@ -81,6 +82,7 @@ async def health(request: web.Request) -> web.Response:
         "registered_services": len(table.records),
         "healthy_services": table.healthy_count(),
         "index": table.index,
+        "epoch": store.epoch,
         **store.describe(),
         "heartbeat_ttl": request.app[CONFIG].heartbeat_ttl,
         "timestamp": rfc3339(),
@@ -227,6 +229,31 @@ async def stats(request: web.Request) -> web.Response:
     })
 
 
+async def epoch(request: web.Request) -> web.Response:
+    """`{"epoch", "closing"}`; with ?wait=30s it answers only when the wait ends or the registry shuts down.
+
+    A babysitter parks one of these: when the registry goes away the answer (or the dropped
+    connection) tells it at once, and the next registry's different epoch makes it register again.
+    """
+    table, store, closing = request.app[TABLE], request.app[STORE], request.app[CLOSING]
+    if "wait" in request.query and not closing.is_set():
+        wait = _parse_wait(request.query["wait"], request.app[CONFIG].max_wait)
+        try:
+            await asyncio.wait_for(closing.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+    return _json({"epoch": store.epoch, "closing": table.closing}, index=table.index)
+
+
+async def _stamp_epoch(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["X-Registry-Epoch"] = request.app[STORE].epoch
+
+
+async def _close_watches(app: web.Application) -> None:
+    app[TABLE].close_watches()
+    app[CLOSING].set()
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = render(request.app[METRICS])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -274,7 +301,10 @@ def create_app(config: RegistryConfig) -> web.Application:
     app[METRICS] = make_metrics(app[TABLE])
     app[TASKS] = TaskSupervisor("registry")
     app[KEYS] = KeyRing([config.token] if config.token else [])
+    app[CLOSING] = asyncio.Event()
     app.cleanup_ctx.append(_background)
+    app.on_response_prepare.append(_stamp_epoch)
+    app.on_shutdown.append(_close_watches)
     r = app.router
     r.add_get("/health", health)
     r.add_get("/services", list_services)
@@ -286,4 +316,5 @@ def create_app(config: RegistryConfig) -> web.Application:
     r.add_get("/services/{name}/health", service_health)
     r.add_get("/stats", stats)
     r.add_get("/metrics", metrics)
+    r.add_get("/epoch", epoch)
     return app

@@ -126,6 +126,8 @@ class EtcdStore:
     def __init__(self, config: RegistryConfig) -> None:
         self.config = config
         self.prefix = config.etcd_prefix
+        # The table's identity: the same for every registry on this prefix, and across their restarts.
+        self.epoch = "etcd:" + config.etcd_prefix
         self.table = EtcdTable(config.heartbeat_ttl, config.expire_after)
         self.ttl = max(1, math.ceil(config.heartbeat_ttl))
         self.expire = max(self.ttl, math.ceil(config.expire_after))

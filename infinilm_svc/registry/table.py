@@ -77,6 +77,7 @@ class ServiceTable:
         self.index = 1
         self._event: asyncio.Event | None = None
         self.watchers = 0                      # blocking queries parked right now
+        self.closing = False                   # shutting down: watches answer at once
         self.on_change: list[Callable[[], None]] = []
         self.counters = {"registrations": 0, "heartbeats": 0, "expiries": 0, "deregistrations": 0}
 
@@ -90,8 +91,8 @@ class ServiceTable:
             cb()
 
     async def wait_change(self, index: int, timeout: float) -> None:
-        """Return when the table's index exceeds `index`, or after `timeout` seconds."""
-        if self.index > index:
+        """Return when the table's index exceeds `index`, after `timeout` seconds, or at shutdown."""
+        if self.index > index or self.closing:
             return
         if self._event is None:
             self._event = asyncio.Event()
@@ -103,6 +104,13 @@ class ServiceTable:
             pass
         finally:
             self.watchers -= 1
+
+    def close_watches(self) -> None:
+        """The registry is shutting down: answer every parked watch now, and later ones at once."""
+        self.closing = True
+        if self._event is not None:
+            self._event.set()
+            self._event = None
 
     # -- health --------------------------------------------------------------------------
     def is_healthy(self, rec: dict, now: float) -> bool:

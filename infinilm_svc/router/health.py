@@ -112,8 +112,9 @@ class Health:
                 task.cancel()
 
     def probe_soon(self, b: Backend) -> None:
-        """Start a probe of `b` unless one is running."""
-        if b.probing or self.session is None:
+        """Start a probe of `b` unless one is running, or the registry says it is not running (it is
+        not routable then anyway, and a backend still starting would collect failed checks)."""
+        if b.probing or self.session is None or (b.state != "running" and not b.static):
             return
         b.probing = True
         task = asyncio.create_task(self._check(b), name=f"probe-{b.name}")
@@ -121,9 +122,15 @@ class Health:
         task.add_done_callback(self.probes.discard)
 
     def _probe_suspects(self, now: float) -> None:
+        """Out-of-turn probes: a backend that failed its checks is re-checked every second (it comes
+        back as soon as it answers again, not an interval later), and one holding requests with no
+        byte back for longer than health_timeout is checked at once."""
         limit = self.config.health_timeout
         for b in self.table.backends.values():
-            if b.pending and b.active_ok and not b.probing and now - b.suspect_probe > limit:
+            if not b.active_ok and not b.probing and now - b.suspect_probe > min(1.0, self.config.health_interval):
+                b.suspect_probe = now
+                self.probe_soon(b)
+            elif b.pending and b.active_ok and not b.probing and now - b.suspect_probe > limit:
                 oldest = min(r.sent_at for r in b.pending)
                 if now - oldest > limit:
                     b.suspect_probe = now
