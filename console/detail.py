@@ -85,7 +85,7 @@ class DetailScreen(Screen):
             ("models", ", ".join(row.models) or "-"), ("pid", str(row.pid) if row.pid is not None else "-"),
             ("restarts", fmt_int(row.restarts)), ("heartbeat", fmt_age(row.heartbeat_age) + " ago"),
             ("requests", fmt_int(row.requests)), ("errors", fmt_int(row.errors)),
-            ("in flight", fmt_int(row.in_flight)),
+            ("in flight", fmt_int(row.in_flight)), ("migrated", fmt_int(row.migrations)),
             ("latency ms", f"p50 {fmt_ms(lat.p50)}  p90 {fmt_ms(lat.p90)}  p99 {fmt_ms(lat.p99)}"),
         ]
         for label, value in fields:

@@ -39,6 +39,7 @@ def route_reason(entry: dict) -> tuple[str, float | None]:
 @dataclass
 class _Sum:
     requests: int = 0
+    migrations: int = 0
     errors: int = 0
     in_flight: int = 0
     prompt_tokens: int = 0
@@ -49,6 +50,7 @@ class _Sum:
     def add(self, s: dict) -> None:
         self.seen = True
         self.requests += as_int(s.get("request_count")) or 0
+        self.migrations += as_int(s.get("migrations")) or 0
         self.errors += as_int(s.get("error_count")) or 0
         self.in_flight += as_int(s.get("in_flight")) or 0
         tokens = s.get("tokens") or {}
@@ -147,6 +149,7 @@ class Poller:
             agg = per_backend.get(r.name)
             if agg is not None:
                 r = replace(r, requests=agg.requests, errors=agg.errors, in_flight=agg.in_flight,
+                            migrations=agg.migrations,
                             latency=agg.latency(), cache_hit=agg.cache_hit())
             if r.role == "backend" and answered:
                 r = replace(r, route=backend_route(verdicts.get(r.name, []), answered))

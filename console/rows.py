@@ -51,6 +51,7 @@ class ServiceRow:
     requests: int | None = None
     errors: int | None = None
     in_flight: int | None = None
+    migrations: int | None = None   # streams that failed here mid-answer and were continued elsewhere
     latency: Latency = Latency()
     cache_hit: float | None = None  # cached prompt tokens / prompt tokens, as the engine reports them
     route: Route | None = None    # what the routers make of a backend (None: not a backend, or no router answered)

@@ -23,7 +23,7 @@ def _stats(backend_counts: dict[str, tuple[int, int, int, float]], model_counts:
         "services": [{"name": n, "request_count": r, "error_count": e, "in_flight": f, "healthy": True,
                       "registry_healthy": True, "active_healthy": True, "circuit": "closed",
                       "latency_ms": {"p50": p, "p90": p * 2, "p99": p * 3},
-                      "tokens": {"prompt": r * 10, "completion": r, "cached": r * (e + 1)}}
+                      "tokens": {"prompt": r * 10, "completion": r, "cached": r * (e + 1)}, "migrations": e}
                      for n, (r, e, f, p) in backend_counts.items()],
         "models": {m: {"request_count": c, "error_count": 0, "in_flight": 0,
                        "latency_ms": {"p50": 5.0, "p90": 6.0, "p99": 7.0},
@@ -67,7 +67,7 @@ async def test_poll_sums_router_stats_computes_rates_and_marks_stale_and_expired
         poller = Poller(session, reg_url, clock=lambda: now[0])
         snap = await poller.poll()
         b = snap.service("b-server")
-        assert (b.requests, b.errors, b.in_flight, b.restarts) == (400, 3, 3, 4)
+        assert (b.requests, b.errors, b.in_flight, b.restarts, b.migrations) == (400, 3, 3, 4, 3)
         assert b.latency.p50 == (100 * 10.0 + 300 * 20.0) / 400
         assert b.cache_hit == (100 * 3 + 300 * 2) / (1000 + 3000)   # tokens summed over routers
         assert snap.routers_answered == 2 and len(snap.router_errors) == 1 and ":1" in snap.router_errors[0]
