@@ -5,7 +5,9 @@ import re
 
 from conftest import ROOT
 
-OUTSIDE = re.compile(r"STYLE\.md|DESIGN\.md|reference §|\.\./shared|/work/shared")
+# Built from pieces so that this file does not match its own search.
+OUTSIDE = re.compile("|".join(("STYLE" + r"\.md", "DESIGN" + r"\.md", "reference" + " §", r"\.\./" + "shared",
+                               "/work/" + "shared")))
 NOT_YET: set[str] = set()
 
 
