@@ -44,6 +44,7 @@ class _Sum:
     in_flight: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    cache_seen: bool = False
     weight: list = field(default_factory=list)  # [(requests, Latency)]
     seen: bool = False
 
@@ -56,7 +57,10 @@ class _Sum:
         tokens = s.get("tokens") or {}
         if isinstance(tokens, dict):
             self.prompt_tokens += as_int(tokens.get("prompt")) or 0
-            self.cached_tokens += as_int(tokens.get("cached")) or 0
+            cached = as_int(tokens.get("cached"))
+            if cached is not None:            # null: the engine does not report its cache
+                self.cached_tokens += cached
+                self.cache_seen = True
         lat = s.get("latency_ms") or {}
         if isinstance(lat, dict):
             self.weight.append((as_int(s.get("request_count")) or 0,
@@ -64,7 +68,7 @@ class _Sum:
 
     def cache_hit(self) -> float | None:
         """The engine-reported prompt cache hit ratio over every router (None before any prompt)."""
-        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else None
+        return self.cached_tokens / self.prompt_tokens if self.cache_seen and self.prompt_tokens else None
 
     def latency(self) -> Latency:
         """Percentiles averaged over routers, weighted by requests (exact with one router)."""

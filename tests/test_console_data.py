@@ -198,3 +198,13 @@ async def test_models_count_errors_like_their_backends_and_remember_a_lost_backe
             assert resp.status == 200
         (m,) = (await poller.poll()).models
         assert (m.healthy, m.backends, m.lost) == (1, ("a",), ("c",))
+
+
+def test_an_engine_that_reports_no_cache_shows_no_hit_ratio():
+    """The mock (and many engines) report usage without cached tokens: CACHE% is '-', not 0.0."""
+    from console.poller import _Sum
+
+    quiet, cached = _Sum(), _Sum()
+    quiet.add({"request_count": 5, "tokens": {"prompt": 50, "completion": 5, "cached": None}})
+    cached.add({"request_count": 5, "tokens": {"prompt": 50, "completion": 5, "cached": 20}})
+    assert quiet.cache_hit() is None and cached.cache_hit() == 0.4

@@ -257,7 +257,10 @@ def test_usage_of_reads_cached_prompt_tokens_in_any_key_order():
     plain = b'{"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}'
     assert usage_of(llama) == (288, 4, 269)
     assert usage_of(chunk) == (30, 2, 0)
-    assert usage_of(plain) == (7, 3, 0)
+    assert usage_of(plain) == (7, 3, None)   # says nothing about a cache
+    quiet = Counters()
+    quiet.add_tokens(usage_of(plain))
+    assert quiet.cache_hit_ratio is None and quiet.to_json()["tokens"]["cached"] is None
     assert usage_of(b'{"choices":[{"delta":{"content":"prompt_tokens"}}]}') is None
     c = Counters()
     assert c.cache_hit_ratio is None

@@ -23,7 +23,7 @@ _COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 
 
-def usage_of(data: bytes) -> tuple[int, int, int] | None:
+def usage_of(data: bytes) -> tuple[int, int, int | None] | None:
     """(prompt, completion, cached prompt) tokens of an OpenAI `usage` object in `data`, if any."""
     if b'"usage"' not in data:
         return None
@@ -32,7 +32,9 @@ def usage_of(data: bytes) -> tuple[int, int, int] | None:
     if m is None and c is None:
         return None
     k = _CACHED.search(data) if b'"cached_tokens"' in data else None
-    return (int(m.group(1)) if m else 0, int(c.group(1)) if c else 0, int(k.group(1)) if k else 0)
+    # An engine that does not report cached tokens (the mock, many others) says nothing about its
+    # cache: None, not 0, so no hit ratio is made up for it.
+    return (int(m.group(1)) if m else 0, int(c.group(1)) if c else 0, int(k.group(1)) if k else None)
 
 
 def hit_ratio(cached: int, prompt: int) -> float | None:
@@ -80,7 +82,7 @@ class Counters:
     """Counters of one backend or one model."""
 
     __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft", "migrations",
-                 "prompt_tokens", "completion_tokens", "cached_tokens", "usage_count", "last_error",
+                 "prompt_tokens", "completion_tokens", "cached_tokens", "usage_count", "cache_reports", "last_error",
                  "last_error_at")
 
     def __init__(self) -> None:
@@ -95,6 +97,7 @@ class Counters:
         self.completion_tokens = 0
         self.cached_tokens = 0          # prompt tokens the engine reports it took from its cache
         self.usage_count = 0            # answers that carried a usage object
+        self.cache_reports = 0          # ... of which said how many prompt tokens were cached
         self.last_error: str | None = None
         self.last_error_at: float | None = None
 
@@ -104,17 +107,19 @@ class Counters:
         self.last_error = f"{kind}: {message}"
         self.last_error_at = now
 
-    def add_tokens(self, usage: tuple[int, ...] | None) -> None:
+    def add_tokens(self, usage: tuple[int, int, int | None] | None) -> None:
         if usage is not None:
             self.usage_count += 1
             self.prompt_tokens += usage[0]
             self.completion_tokens += usage[1]
-            if len(usage) > 2:
+            if usage[2] is not None:
                 self.cached_tokens += usage[2]
+                self.cache_reports += 1
 
     @property
     def cache_hit_ratio(self) -> float | None:
-        return hit_ratio(self.cached_tokens, self.prompt_tokens)
+        """None until the engine has reported its cached tokens at least once."""
+        return hit_ratio(self.cached_tokens, self.prompt_tokens) if self.cache_reports else None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -126,7 +131,8 @@ class Counters:
             "latency_ms": self.latency.percentiles_ms(),
             "ttft_ms": self.ttft.percentiles_ms(),
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens,
-                       "cached": self.cached_tokens, "answers_with_usage": self.usage_count},
+                       "cached": self.cached_tokens if self.cache_reports else None,
+                       "answers_with_usage": self.usage_count},
             "cache_hit_ratio": self.cache_hit_ratio,
             "last_error": self.last_error,
         }
@@ -165,7 +171,7 @@ class RouterCollector(Collector):
                 tok.add_metric([name, "prompt"], c.prompt_tokens)
                 tok.add_metric([name, "completion"], c.completion_tokens)
                 tok.add_metric([name, "cached"], c.cached_tokens)
-                if c.prompt_tokens:
+                if c.cache_reports and c.prompt_tokens:
                     hit.add_metric([name], c.cached_tokens / c.prompt_tokens)
                 lat.add_metric([name], c.latency.histogram(), c.latency.total)
                 ttft.add_metric([name], c.ttft.histogram(), c.ttft.total)
