@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -67,14 +68,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
-async def async_wait_for(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0,
+async def async_wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
                          interval: float = 0.05, what: str = "condition") -> Any:
-    """Async twin of wait_for: awaits `predicate()` until truthy or fails with the last value."""
+    """Async twin of wait_for: `predicate()` (awaited when it returns an awaitable) until truthy,
+    or fail with the last value."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
         try:
-            last = await predicate()
+            last = predicate()
+            if inspect.isawaitable(last):
+                last = await last
         except Exception as exc:  # noqa: BLE001
             last = exc
         else:

@@ -23,7 +23,7 @@ async def test_a_failing_loop_is_restarted_with_back_off_and_reported(caplog):
     tasks = TaskSupervisor("test", min_delay=0.01, max_delay=0.05)
     with caplog.at_level(logging.ERROR, logger="infinilm_svc.background"):
         tasks.spawn("flaky", flaky)
-        await async_wait_for(lambda: _async(len(runs) == 4), timeout=5, what="the fourth run")
+        await async_wait_for(lambda: (len(runs) == 4), timeout=5, what="the fourth run")
     rep = tasks.report()["flaky"]
     assert rep["state"] == "running" and rep["failures"] == 3 and rep["last_error"] == "RuntimeError: boom 3"
     assert sum("background task flaky failed" in r.getMessage() for r in caplog.records) == 3
@@ -39,7 +39,7 @@ async def test_a_loop_that_returns_is_done_not_restarted():
 
     tasks = TaskSupervisor("test", min_delay=0.01)
     tasks.spawn("once", once)
-    await async_wait_for(lambda: _async(tasks.report()["once"]["state"] == "done"), timeout=5, what="done")
+    await async_wait_for(lambda: (tasks.report()["once"]["state"] == "done"), timeout=5, what="done")
     assert runs == [1]
     await tasks.close()
 
@@ -74,6 +74,3 @@ async def test_the_registry_sweep_survives_a_failure_and_health_shows_it(aiohttp
     h = await (await client.get("/health")).json()
     assert h["status"] == "healthy" and h["tasks"]["sweep"]["state"] == "running"
 
-
-async def _async(value):
-    return value

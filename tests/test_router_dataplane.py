@@ -80,7 +80,7 @@ async def test_a_client_that_stops_reading_past_read_timeout_does_not_eject_the_
         body = json.dumps(chat(stream=True)).encode()
         await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                       b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-        await async_wait_for(lambda: _now(state["progress"] > 0), timeout=10, what="the backend to start streaming")
+        await async_wait_for(lambda: state["progress"] > 0, timeout=10, what="the backend to start streaming")
 
         async def stalled_long_enough():
             # The condition under test: the backend has been held up by back-pressure (our client not
@@ -101,9 +101,6 @@ async def test_a_client_that_stops_reading_past_read_timeout_does_not_eject_the_
     finally:
         server.close()
 
-
-async def _now(v):
-    return v
 
 
 # -- request headers that are not latin-1 ------------------------------------------------------------
@@ -311,5 +308,5 @@ async def test_idle_upstream_connections_are_capped_and_reaped(dep, procs):
                 return r.status
         assert await asyncio.gather(*(one() for _ in range(30))) == [200] * 30
     assert established_to(port) <= before + 4, "idle connections beyond the cap must be closed"
-    await async_wait_for(lambda: _now(established_to(port) == before), timeout=10,
+    await async_wait_for(lambda: established_to(port) == before, timeout=10,
                          what="idle connections closed after upstream_idle_timeout")

@@ -112,15 +112,12 @@ async def test_client_disconnect_closes_the_upstream_connection(dep, procs):
         r.close()  # the client hangs up mid-stream
     finally:
         await client.close()
-    await async_wait_for(lambda: _async(established_to(port) == before), timeout=10,
+    await async_wait_for(lambda: established_to(port) == before, timeout=10,
                          what="the router's connection to the backend to close")
     _, stats, _ = await dep.get("/stats")
     assert stats["services"][0]["errors"].get("client_disconnect") == 1
     assert stats["services"][0]["in_flight"] == 0
 
-
-async def _async(v):
-    return v
 
 
 async def test_openai_sdk_chat_streaming_and_embeddings(dep):

@@ -82,9 +82,9 @@ async def test_a_rolling_restart_under_load_refuses_no_connection_and_finishes_o
     clients = [asyncio.create_task(client()) for _ in range(10)]
     stream = asyncio.create_task(long_stream())
     try:
-        await async_wait_for(lambda: _value(len(results) > 50), timeout=20, what="load flowing")
+        await async_wait_for(lambda: len(results) > 50, timeout=20, what="load flowing")
         new = router_process(procs, tmp_path, dep.registry_url, port, "router-new")
-        await async_wait_for(lambda: _value(new.poll() is None and len(results) > 0), timeout=5, what="new router")
+        await async_wait_for(lambda: new.poll() is None and len(results) > 0, timeout=5, what="new router")
         # The new router is up when the registry lists it.
         assert dep.registry is not None
 
@@ -95,7 +95,7 @@ async def test_a_rolling_restart_under_load_refuses_no_connection_and_finishes_o
         t0 = time.monotonic()
         old.send_signal(signal.SIGTERM)
         n = len(results)
-        await async_wait_for(lambda: _value(len(results) > n + 100), timeout=30, what="load through the new router")
+        await async_wait_for(lambda: len(results) > n + 100, timeout=30, what="load through the new router")
         text = await asyncio.wait_for(stream, 30)
         old.wait(timeout=30)
         drained = time.monotonic() - t0
@@ -110,6 +110,3 @@ async def test_a_rolling_restart_under_load_refuses_no_connection_and_finishes_o
     assert not any(s["name"] == "router-old" for s in services)
     print(f"{len(results)} requests, none failed; the old router drained its stream and exited after {drained:.1f}s")
 
-
-async def _value(v):
-    return v

@@ -171,7 +171,6 @@ def test_running_out_of_fds_is_logged_once_per_interval_and_the_server_recovers(
         for _ in range(150):  # far more than the server can hold
             s = socket.create_connection((HOST, port), timeout=5)
             socks.append(s)
-        time.sleep(0)  # the server sees them as it gets to them; the wait below has a deadline
         wait_for(lambda: "cannot accept connections" in procs.output(proc), what="the fd exhaustion reported")
     finally:
         for s in socks:

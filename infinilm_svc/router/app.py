@@ -15,9 +15,10 @@ from ..config.router import RouterConfig
 from ..auth import KeyRing
 from ..background import TaskSupervisor
 from ..errors import ApiError
+from ..wire import json_response
 from ..runtime import REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
 from .balancer import make_policy
-from .frontdoor import FrontDoor, json_response
+from .frontdoor import FrontDoor
 from .discovery import Discovery, deregister, keep_registered, router_record
 from .health import Health
 from .proxy import Proxy

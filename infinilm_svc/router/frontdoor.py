@@ -13,17 +13,12 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from ..errors import ApiError, error_answer
-from ..wire import dumps
 from .proxy import Proxy
 from .table import Table
 
 LocalHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-def json_response(data: object) -> web.Response:
-    return web.Response(text=dumps(data), content_type=_JSON)
 
 
 class FrontDoor:
@@ -94,4 +89,4 @@ class FrontDoor:
         return web.Response(body=body, content_type=_JSON)
 
 
-__all__ = ["FrontDoor", "json_response"]
+__all__ = ["FrontDoor"]
