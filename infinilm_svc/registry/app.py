@@ -103,9 +103,16 @@ async def list_services(request: web.Request) -> web.Response:
     healthy = None
     if "healthy" in q:
         healthy = q["healthy"].lower() == "true"
+    # The table's identity and index name its state: a watcher that already has it (If-None-Match)
+    # gets 304 and no body instead of the whole table again (megabytes, for a large fleet).
+    etag = f'W/"{request.app[STORE].epoch}:{table.index}:{q.get("status")}:{healthy}"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"X-Registry-Index": str(table.index), "ETag": etag})
     services = table.select(status=q.get("status"), healthy=healthy)
-    return _json({"services": services, "total": len(services), "index": table.index,
+    resp = _json({"services": services, "total": len(services), "index": table.index,
                   "timestamp": rfc3339()}, index=table.index)
+    resp.headers["ETag"] = etag
+    return resp
 
 
 async def register_service(request: web.Request) -> web.Response:

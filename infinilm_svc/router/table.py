@@ -19,7 +19,7 @@ class Backend:
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
                  "opened_at", "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
-                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe")
+                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe", "check_due")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -51,6 +51,7 @@ class Backend:
         self.pending: set = set()        # replies sent here that have had no byte back yet
         self.probing = False             # an active check is in flight
         self.suspect_probe = 0.0         # loop time of the last probe made because requests waited
+        self.check_due = 0.0             # loop time of the next scheduled active check (0: none yet)
         self.waiters: list[asyncio.Future] = []
         self.reopen: asyncio.TimerHandle | None = None
         self.reopen_at = 0.0             # monotonic time the open circuit goes half-open
