@@ -10,11 +10,11 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Sparkline, Static
 
-from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, route_text, state_text
 from infinilm_svc.client.babysitter import LogLine
 
-from .rows import ServiceRow, Snapshot
+from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, route_text, state_text
 from .logview import LogView
+from .rows import ServiceRow, Snapshot
 from .status import StatusBar
 
 RECONNECT_MAX = 10.0

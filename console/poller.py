@@ -11,8 +11,18 @@ import aiohttp
 
 from infinilm_svc.client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 
-from .rows import (GONE_STATES, Latency, ModelRow, Point, Route, ServiceRow, Snapshot, as_float, as_int, row_from_record,
-                   vanished_row)
+from .rows import (
+    Latency,
+    ModelRow,
+    Point,
+    Route,
+    ServiceRow,
+    Snapshot,
+    as_float,
+    as_int,
+    row_from_record,
+    vanished_row,
+)
 
 HISTORY = 60            # points kept per backend for the sparklines
 EXPIRED_LINGER = 30.0   # seconds a vanished record stays on screen marked "gone" or "expired"
@@ -136,7 +146,7 @@ class Poller:
         verdicts: dict[str, list[dict]] = {}
         errors: list[str] = []
         answered = 0
-        for url, res in zip(urls, results):
+        for url, res in zip(urls, results, strict=True):
             if isinstance(res, BaseException):
                 errors.append(f"{url}: {type(res).__name__} {res}".strip())
                 continue

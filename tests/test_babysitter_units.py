@@ -11,7 +11,8 @@ from infinilm_svc.config.babysitter import BabysitterConfig, BackendConfig
 
 
 def cfg(backend: BackendConfig, **kw) -> BabysitterConfig:
-    return BabysitterConfig(port=8100, backend=backend, name="bs", config_dir="/etc/bs", **kw)
+    """A config as if read from /etc/bs/bs.toml."""
+    return BabysitterConfig(port=8100, backend=backend, name="bs", **kw).with_paths_from("/etc/bs")
 
 
 def test_command_is_split_like_a_shell_and_args_are_never_resplit():

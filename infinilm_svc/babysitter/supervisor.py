@@ -69,7 +69,7 @@ def parse_models(body: Any) -> list[dict]:
 class Supervisor:
     """Keeps one backend running and says, at every moment, what state it is really in."""
 
-    def __init__(self, config: BabysitterConfig, logbook: LogBook, session: aiohttp.ClientSession | None,
+    def __init__(self, config: BabysitterConfig, logbook: LogBook, session: aiohttp.ClientSession,
                  pid_file: str | None = None) -> None:
         self.config = config
         self.pid_file = pid_file          # the running backend's pid, for the next babysitter if we are killed

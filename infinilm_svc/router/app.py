@@ -10,21 +10,21 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..client.registry import RegistryClient
-from ..config.router import RouterConfig
 from ..auth import KeyRing
 from ..background import TaskSupervisor
+from ..client.registry import RegistryClient
+from ..config.router import RouterConfig
 from ..errors import ApiError
-from ..wire import json_response
 from ..runtime import REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
+from ..wire import json_response
 from .balancer import make_policy
-from .frontdoor import FrontDoor
 from .discovery import Discovery, deregister, keep_registered, router_record
+from .frontdoor import FrontDoor
 from .health import Health
+from .pool import Pool
 from .proxy import Proxy
 from .stats import make_registry
 from .table import Table
-from .pool import Pool
 
 log = logging.getLogger(__name__)
 

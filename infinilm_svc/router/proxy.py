@@ -11,14 +11,21 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from ..config.router import RouterConfig
 from ..auth import KeyRing
+from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from ..wire import dumps
 from .access import AccessLog
 from .balancer import Route, content_texts
-from .failures import (BackendHung, ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, StreamErrorEvent,
-                       TransportError)
+from .failures import (
+    BackendHung,
+    ConnectError,
+    ConnectionBroken,
+    ProtocolError,
+    ReadTimeout,
+    StreamErrorEvent,
+    TransportError,
+)
 from .health import Health
 from .migration import Transcript, continuation, migratable
 from .pool import Pool

@@ -71,7 +71,7 @@ class Samples:
 
     def histogram(self) -> list[tuple[str, int]]:
         out, acc = [], 0
-        for bound, c in zip(BUCKETS, self.buckets):
+        for bound, c in zip(BUCKETS, self.buckets, strict=False):  # the last bucket (+Inf) is added below
             acc += c
             out.append((repr(bound), acc))
         out.append(("+Inf", acc + self.buckets[-1]))

@@ -6,8 +6,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..client.registry import registry_urls
-from .stats import Counters
 from ..wire import dumps
+from .stats import Counters
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 

@@ -16,8 +16,17 @@ import aiohttp
 
 from ..client.babysitter import BabysitterClient, BabysitterError
 from ..client.registry import registry_urls
-from .deployment import (Run, chat, engine_tokens, error_message, find_router, metadata_of, refresh_records,
-                         request_json, shorten)
+from .deployment import (
+    Run,
+    chat,
+    engine_tokens,
+    error_message,
+    find_router,
+    metadata_of,
+    refresh_records,
+    request_json,
+    shorten,
+)
 from .options import CheckResult, ExpectedService, ValidateOptions
 
 
