@@ -56,11 +56,14 @@ class DetailScreen(Screen):
         log.refill()
         log.focus()
         self.watch(self.app, "snapshot", self.show, init=True)
-        self.watch(self.app, "stale", lambda stale: self.set_class(stale, "-stale"), init=True)
+        self.watch(self.app, "stale", self._show_stale, init=True)
         if self.babysitter_url:
             self.run_worker(self._follow_log(), group="log", exclusive=True)
         else:
             self._note("this backend has no babysitter: no log to follow")
+
+    def _show_stale(self, stale: bool) -> None:
+        self.set_class(stale, "-stale")
 
     def show(self, snapshot: Snapshot | None) -> None:
         if snapshot is None:

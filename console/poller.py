@@ -82,7 +82,7 @@ class _Sum:
 
     def latency(self) -> Latency:
         """Percentiles averaged over routers, weighted by requests (exact with one router)."""
-        out = []
+        out: list[float | None] = []
         for attr in ("p50", "p90", "p99"):
             pairs = [(n, getattr(lat, attr)) for n, lat in self.weight if getattr(lat, attr) is not None]
             total = sum(n for n, _ in pairs)

@@ -391,7 +391,7 @@ class Supervisor:
             if ok and ready:
                 self.models_list = self._declared_models()
             return ok
-        paths = ("/v1/models", "/models")
+        paths: tuple[str, ...] = ("/v1/models", "/models")
         if not ready and self._live_path is not None:
             paths = (self._live_path,)
         for path in paths:

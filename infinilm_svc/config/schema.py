@@ -164,7 +164,7 @@ def _convert(tp: Any, value: Any, src: Source, path: tuple[str, ...]) -> Any:
                 ok = False
             out[str(k)] = cv
         return types.MappingProxyType(out) if ok else _MISSING
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             src.problem(path, f"expected a table, got {_toml_type(value)}")
             return _MISSING
@@ -218,7 +218,7 @@ def load_table(cls: type, table: dict, src: Source, path: tuple[str, ...] = ()) 
     for name, f in fields.items():
         if name in kwargs:
             continue
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if not any(p.key == ".".join(path + (name,)) for p in src.problems[before:]):
                 src.problem(path + (name,), f"required key is missing ({_type_name(hints[name])})")
             missing = True

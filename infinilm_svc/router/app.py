@@ -156,8 +156,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             app[HEALTH].forget(b)
         pool.close()
         await session.close()
-        if app[PROXY].access is not None:
-            app[PROXY].access.flush()  # lines of the last loop turn
+        if (access := app[PROXY].access) is not None:
+            access.flush()  # lines of the last loop turn
 
 
 def create_app(config: RouterConfig) -> web.Application:

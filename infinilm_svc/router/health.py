@@ -53,8 +53,7 @@ class Health:
     def _open(self, b: Backend) -> None:
         b.circuit = OPEN
         b.trial = False
-        b.opened_at = time.monotonic()
-        b.reopen_at = b.opened_at + self.config.eject_cooldown
+        b.reopen_at = time.monotonic() + self.config.eject_cooldown
         if b.reopen is not None:
             b.reopen.cancel()
         b.reopen = asyncio.get_running_loop().call_later(self.config.eject_cooldown, self._half_open, b)

@@ -10,6 +10,7 @@ from itertools import count
 from typing import Any, NamedTuple
 
 from aiohttp import web
+from aiohttp.http import StreamWriter
 
 from ..auth import KeyRing
 from ..config.router import RouterConfig
@@ -383,6 +384,8 @@ class Proxy:
             transport = request.transport
             if writer is None or transport is None:
                 raise ClientGone()
+            if not isinstance(writer, StreamWriter):  # the relay frames the body itself: it needs `chunked`
+                raise TypeError(f"cannot relay a stream through {type(writer).__name__}")
             relay = StreamRelay(transport, writer.chunked, writer, ex, loop, (b.stats, mstats), transcript)
             while True:
                 try:
