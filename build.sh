@@ -60,8 +60,10 @@ PYEOF
 # them. Any finding fails the build, before a test runs.
 run_lint() {
     echo "build.sh: ruff and mypy"
-    "$VENV/bin/ruff" check --quiet infinilm_svc console
-    "$VENV/bin/mypy" --no-error-summary
+    local status=0
+    "$VENV/bin/ruff" check --quiet infinilm_svc console || status=1
+    "$VENV/bin/mypy" --no-error-summary || status=1
+    return $status
 }
 
 # The real inference engine: llama.cpp's llama-server, built from the llama.cpp tree the PyPI

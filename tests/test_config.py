@@ -120,6 +120,7 @@ def test_three_mistakes_are_all_reported_with_file_key_and_line():
     ('port = 8100\nname = "a/b"\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "contain no '/'"),
     ('port = 8100\nregistry_url = "localhost:18000"\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "http:// or https:// URL"),
     ('port = 8100\n[babysitter]\nrestart_delay = -1\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "restart_delay must be >= 0"),
+    ('port = 8100\n[babysitter]\nlog_backups = -1\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "babysitter.log_backups: log_backups must be >= 0, got -1"),
     ('port = 8100\n[backend]\ntype = "mock"\nmodels = ["m"]\nargs = "x y"\n', "backend.args: expected array of strings"),
     ('port = 8100\n[backend]\ntype = "mock"\nmodels = ["m"]\nenv = { A = 1 }\n', "backend.env.A: expected string"),
     ('port = 8100\nregistry_url = 5\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "registry_url: expected string or array of strings, got integer"),

@@ -17,7 +17,7 @@ from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware, expect_continue
 from ..runtime import FORCE_EXIT_HOOKS
 from ..wire import dumps, json_response
-from .logbook import LogBook, LogLine, RotatingLogFile
+from .logbook import LogBook, LogFile, LogLine
 from .metrics import make_metrics
 from .registration import Registration
 from .supervisor import RUNNING, Supervisor
@@ -231,7 +231,7 @@ def create_app(config: BabysitterConfig) -> web.Application:
     app[KEYS] = KeyRing([config.token] if config.token else [])
     policy = config.babysitter
     try:
-        file = RotatingLogFile(log_path(config), policy.log_max_bytes, policy.log_backups)
+        file = LogFile(log_path(config), policy.log_max_bytes, policy.log_backups)
     except OSError as exc:
         log.warning("%s: no log file (%s); keeping the in-memory log only", config.service_name, exc)
         file = None

@@ -49,6 +49,9 @@ class SupervisionConfig:
             out.append(("liveness_failures", f"liveness_failures must be >= 1, got {self.liveness_failures}"))
         if self.stopsignal.upper().removeprefix("SIG") not in ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2"):
             out.append(("stopsignal", f"unknown signal {self.stopsignal!r} (TERM, INT, QUIT, HUP, KILL, USR1, USR2)"))
+        for name in ("log_max_bytes", "log_backups"):
+            if getattr(self, name) < 0:
+                out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
         if self.log_ring_lines < 10:
             out.append(("log_ring_lines", f"log_ring_lines must be >= 10, got {self.log_ring_lines}"))
         if self.log_ring_bytes < 65536:

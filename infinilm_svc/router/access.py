@@ -73,7 +73,7 @@ class AccessLog:
                 try:
                     h.stream.write(h.terminator.join(lines) + h.terminator)
                     h.flush()
-                except Exception:  # as logging.Handler.emit does: report and carry on
+                except Exception:  # noqa: BLE001 - as logging.Handler.emit does: report and carry on
                     h.handleError(records[0])
                 finally:
                     h.release()
