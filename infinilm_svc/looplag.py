@@ -84,7 +84,7 @@ class LoopLag:
     def histogram(self) -> list[tuple[float, int]]:
         """Cumulative (upper bound, count) pairs, the last bound being +inf."""
         out, acc = [], 0
-        for bound, c in zip(LAG_BUCKETS, self.buckets):
+        for bound, c in zip(LAG_BUCKETS, self.buckets, strict=False):   # +inf is added below
             acc += c
             out.append((bound, acc))
         out.append((float("inf"), acc + self.buckets[-1]))

@@ -182,11 +182,11 @@ async def heartbeat(request: web.Request) -> web.Response:
             if metadata:
                 check_metadata_size({**rec["metadata"], **metadata}, cfg.max_metadata_bytes)
     table = request.app[TABLE]
-    rec = await request.app[STORE].heartbeat(name, status, metadata)
-    if rec is None:
+    held = await request.app[STORE].heartbeat(name, status, metadata)
+    if held is None:
         raise ApiError(404, f"Service '{name}' not found", code="service_not_found")
     return _json({"message": "Heartbeat received", "timestamp": rfc3339(), "heartbeat_ttl": cfg.heartbeat_ttl,
-                  "service": table.view(rec, table.clock())}, index=table.index)
+                  "service": table.view(held, table.clock())}, index=table.index)
 
 
 def _check_url(rec: dict) -> str:

@@ -9,22 +9,22 @@ from typing import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from ..client.registry import RegistryClient
-from ..config.router import RouterConfig
 from ..auth import KeyRing
 from ..background import TaskSupervisor
+from ..client.registry import RegistryClient
+from ..config.router import RouterConfig
 from ..errors import ApiError
 from ..looplag import LoopLag
-from ..wire import dumps, json_response
 from ..runtime import REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
+from ..wire import dumps, json_response
 from .balancer import make_policy
-from .frontdoor import FrontDoor
 from .discovery import Discovery, deregister, keep_registered, router_record
+from .frontdoor import FrontDoor
 from .health import Health
-from .proxy import Proxy
 from .metrics import CONTENT_TYPE, SLICE, Exposition
-from .table import Backend, Table
 from .pool import Pool
+from .proxy import Proxy
+from .table import Backend, Table
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             app[HEALTH].forget(b)
         pool.close()
         await session.close()
-        if app[PROXY].access is not None:
-            app[PROXY].access.flush()  # lines of the last loop turn
+        if (access := app[PROXY].access) is not None:
+            access.flush()  # lines of the last loop turn
 
 
 def create_app(config: RouterConfig) -> web.Application:

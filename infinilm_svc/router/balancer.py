@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-from operator import itemgetter
 import math
 import random
 from bisect import bisect_left
 from collections import OrderedDict
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 if TYPE_CHECKING:

@@ -60,8 +60,7 @@ class Health:
     def _open(self, b: Backend) -> None:
         b.circuit = OPEN
         b.trial = False
-        b.opened_at = time.monotonic()
-        b.reopen_at = b.opened_at + self.config.eject_cooldown
+        b.reopen_at = time.monotonic() + self.config.eject_cooldown
         if b.reopen is not None:
             b.reopen.cancel()
         b.reopen = asyncio.get_running_loop().call_later(self.config.eject_cooldown, self._half_open, b)
@@ -230,16 +229,17 @@ class Health:
         """GET the health path on a connection of its own, closed once the status line is in: a
         check holds no pooled connection (thousands of backends would hold thousands of sockets)
         and costs a fraction of a client library's request."""
-        assert self.pool is not None
+        pool = self.pool
+        assert pool is not None
         loop = asyncio.get_running_loop()
-        key = self.pool.target(b.url)
+        key = pool.target(b.url)
         t0 = time.monotonic()
         got: asyncio.Future[int] = loop.create_future()
         opened: list[asyncio.BaseTransport] = []
 
         async def ask() -> int:
             transport, _ = await loop.create_connection(lambda: _StatusLine(got), key.host, key.port,
-                                                        ssl=self.pool.ssl_context() if key.tls else None)
+                                                        ssl=pool.ssl_context() if key.tls else None)
             opened.append(transport)
             transport.write(b"".join((b"GET ", key.base_path, self.path, b" HTTP/1.1\r\n", key.host_header,
                                       b"Connection: close\r\n", b.auth_lines, b"\r\n")))

@@ -50,7 +50,7 @@ def _histogram(name: str, field: str) -> Rows:
     def rows(lab: str, c: Counters) -> Iterable[str]:
         s = getattr(c, field)
         acc = 0
-        for le, n in zip(_LE, s.buckets):
+        for le, n in zip(_LE, s.buckets, strict=True):
             acc += n
             yield f'{name}_bucket{{{lab},le="{le}"}} {num(acc)}\n'
         yield f"{name}_count{{{lab}}} {num(acc)}\n{name}_sum{{{lab}}} {num(s.total)}\n"
