@@ -220,6 +220,11 @@ async def measure(args: argparse.Namespace, reg: str, router: str, router_pid: i
               f"{sizes[-1] / 1e6:.1f} MB")
         print(f"GET /health during the scrapes ({len(lat)} probes): p50 {statistics.median(lat):.1f} ms, "
               f"p99 {pct(lat, 0.99):.1f} ms, max {max(lat):.1f} ms")
+        async with s.get(f"{router}/health") as r:
+            lag = (await r.json()).get("event_loop_lag", {})
+        print(f"  router's loop-lag monitor: worst stall of the last minute {lag.get('recent_max_ms')} ms; "
+              f"{lag.get('gc_full_collections')} full garbage collections since start, the longest "
+              f"{lag.get('gc_full_max_ms')} ms, longest of any generation {lag.get('gc_max_ms')} ms")
         print(f"router's loop-lag monitor: worst stall since start {loop_lag_max(body.decode())} (includes "
               "taking in the whole fleet at once)")
     follow.cancel()
