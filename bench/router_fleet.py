@@ -18,18 +18,16 @@ import os
 import re
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import ROOT, cpu_seconds, free_port, pct, wait_http
 FLEET_NET = (127, 64)
 
 
@@ -37,20 +35,10 @@ def fleet_host(i: int) -> str:
     return f"{FLEET_NET[0]}.{FLEET_NET[1]}.{i // 250}.{i % 250 + 1}"
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 def raise_fd_limit() -> None:
@@ -107,15 +95,6 @@ def record(i: int, port: int) -> dict:
                          "models_list": [{"id": "fleet-model", "object": "model"}]}}
 
 
-def wait_http(url: str, deadline: float) -> None:
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class FleetChecks:
@@ -142,6 +121,15 @@ async def health_probe(s: aiohttp.ClientSession, url: str, stop: asyncio.Event, 
             await r.read()
         out.append((time.perf_counter() - t) * 1000)
         await asyncio.sleep(0.02)
+
+
+async def print_lag(s: aiohttp.ClientSession, router: str) -> None:
+    """What the router's own loop-lag monitor says (in /health)."""
+    async with s.get(f"{router}/health") as r:
+        lag = (await r.json()).get("event_loop_lag", {})
+    print(f"  router's loop-lag monitor: worst stall of the last minute {lag.get('recent_max_ms')} ms; "
+          f"{lag.get('gc_full_collections')} full garbage collections since start, the longest "
+          f"{lag.get('gc_full_max_ms')} ms, longest of any generation {lag.get('gc_max_ms')} ms")
 
 
 def loop_lag_max(metrics: str) -> str:
@@ -184,14 +172,10 @@ async def measure(args: argparse.Namespace, reg: str, router: str, router_pid: i
         await asyncio.sleep(args.idle)
         took = time.perf_counter() - t0
         cpu, checks = cpu_seconds(router_pid) - cpu0, fleet.count - checks0
-        async with s.get(f"{router}/health") as r:
-            lag = (await r.json()).get("event_loop_lag", {})
         print(f"idle {took:.0f} s, no requests: router CPU {cpu / took * 100:.1f}% of a core, {checks / took:.0f} "
               f"health checks/s received by the fleet ({checks / took * args.health_interval / args.backends:.2f} "
               f"per backend per health_interval of {args.health_interval:g} s)")
-        print(f"  router's loop-lag monitor: worst stall of the last minute {lag.get('recent_max_ms')} ms; "
-              f"{lag.get('gc_full_collections')} full garbage collections since start, the longest "
-              f"{lag.get('gc_full_max_ms')} ms")
+        await print_lag(s, router)
         # Loop stalls seen from outside: GET /health every 20 ms.
         lat: list[float] = []
         stop = asyncio.Event()
@@ -220,11 +204,7 @@ async def measure(args: argparse.Namespace, reg: str, router: str, router_pid: i
               f"{sizes[-1] / 1e6:.1f} MB")
         print(f"GET /health during the scrapes ({len(lat)} probes): p50 {statistics.median(lat):.1f} ms, "
               f"p99 {pct(lat, 0.99):.1f} ms, max {max(lat):.1f} ms")
-        async with s.get(f"{router}/health") as r:
-            lag = (await r.json()).get("event_loop_lag", {})
-        print(f"  router's loop-lag monitor: worst stall of the last minute {lag.get('recent_max_ms')} ms; "
-              f"{lag.get('gc_full_collections')} full garbage collections since start, the longest "
-              f"{lag.get('gc_full_max_ms')} ms, longest of any generation {lag.get('gc_max_ms')} ms")
+        await print_lag(s, router)
         print(f"router's loop-lag monitor: worst stall since start {loop_lag_max(body.decode())} (includes "
               "taking in the whole fleet at once)")
     follow.cancel()
@@ -273,9 +253,8 @@ def main() -> None:
                     env.update(INFINILM_LOOP="asyncio", PYTHONASYNCIODEBUG="1")
                 procs.append(subprocess.Popen([sys.executable, args.pyz, "--config", str(Path(tmp) / f"{role}.toml")],
                                               stdout=subprocess.DEVNULL, stderr=log, env=env))
-            deadline = time.monotonic() + 30
-            wait_http(f"http://127.0.0.1:{rport}/health", deadline)
-            wait_http(f"http://127.0.0.1:{xport}/health", deadline)
+            wait_http(f"http://127.0.0.1:{rport}/health")
+            wait_http(f"http://127.0.0.1:{xport}/health")
             asyncio.run(measure(args, f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{xport}", procs[-1].pid,
                                 FleetChecks(fleet)))
         finally:
