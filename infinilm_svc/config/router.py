@@ -62,6 +62,7 @@ class RouterConfig:
     cache_type_threshold: int = 51200       # bytes of message text above which "static" pools are used
     access_log: bool = True
     drain_timeout: float = 30.0             # on SIGTERM: how long in-flight requests and streams may finish
+    keepalive_drain: float = 2.0            # on SIGTERM: how long keep-alive clients get Connection: close before idle connections close
     reuse_port: bool = True                 # SO_REUSEPORT: a new router can bind the port while this one drains
 
     def check(self) -> list[tuple[str, str]]:
@@ -94,6 +95,8 @@ class RouterConfig:
                      "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
+        if self.keepalive_drain < 0:
+            out.append(("keepalive_drain", f"keepalive_drain must be >= 0, got {self.keepalive_drain}"))
         if self.registry_reset_grace < 0:
             out.append(("registry_reset_grace", f"registry_reset_grace must be >= 0, got {self.registry_reset_grace}"))
         if self.session_load_factor < 1:

@@ -15,7 +15,7 @@ from ..client.registry import RegistryClient
 from ..config.router import RouterConfig
 from ..errors import ApiError
 from ..looplag import LoopLag
-from ..runtime import REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
+from ..runtime import KEEPALIVE_DRAIN, REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
 from ..wire import dumps, json_response
 from .balancer import make_policy
 from .discovery import Discovery, deregister, keep_registered, router_record
@@ -236,4 +236,5 @@ def create_app(config: RouterConfig) -> web.Application:
     app.on_shutdown.append(_withdraw)
     app[SHUTDOWN_TIMEOUT] = config.drain_timeout
     app[REUSE_PORT] = config.reuse_port
+    app[KEEPALIVE_DRAIN] = config.keepalive_drain
     return app
