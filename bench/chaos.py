@@ -566,7 +566,8 @@ async def fault_router_restart(ctx: Context) -> Outcome:
     term = time.monotonic()
     out.recovered = await wait_exit(old, 60)
     if out.recovered is not None:
-        out.notes.append(f"old router drained and exited ({old.returncode}) {out.recovered - term:.1f} s after SIGTERM")
+        out.notes.append(f"SIGTERM to the old router at +{term - out.t0:.1f} s; it drained and exited "
+                         f"({old.returncode}) {out.recovered - term:.1f} s later")
     return out
 
 
@@ -595,10 +596,14 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def row(label: str, reqs: list[Request], detected: float | None, recovered: float | None, notes: list[str]) -> list[str]:
+def row(label: str, reqs: list[Request], t0: float, detected: float | None, recovered: float | None,
+        notes: list[str]) -> list[str]:
     failed = [r for r in reqs if not r.ok]
     why = Counter(f"{r.model}: {r.why}" for r in failed)
     notes = notes + [f"{n} x {w}" for w, n in why.most_common(3)]
+    if failed:
+        notes.append(f"failures ended between +{min(r.end for r in failed) - t0:.2f} and "
+                     f"+{max(r.end for r in failed) - t0:.2f} s")
     slowest = max((r.end - r.start for r in reqs), default=None)
     return [label, str(len(reqs)), str(len(failed)), _fmt(slowest), _fmt(detected), _fmt(recovered), "; ".join(notes)]
 
@@ -630,7 +635,7 @@ async def run(cluster: Cluster, args: argparse.Namespace, faults: list[str]) -> 
             if out.recovered is None:
                 out.notes.append(f"NOT recovered within {args.recovery_timeout:g} s")
             end = out.recovered or time.monotonic()
-            rows.append(row(out.label, load.window(out.t0, end), out.detected and out.detected - out.t0,
+            rows.append(row(out.label, load.window(out.t0, end), out.t0, out.detected and out.detected - out.t0,
                             out.recovered and out.recovered - out.t0, out.notes))
             print(f"  {rows[-1][0]}: sent {rows[-1][1]}, failed {rows[-1][2]}, slowest {rows[-1][3]} s, "
                   f"recovered {rows[-1][5]} s", flush=True)
@@ -644,7 +649,12 @@ async def run(cluster: Cluster, args: argparse.Namespace, faults: list[str]) -> 
             t.cancel()
         await asyncio.gather(*clients, poller, return_exceptions=True)
     total = load.window(t_start, t_end)
-    rows.append(row(f"total ({t_end - t_start:.0f} s)", total, None, None, []))
+    if args.work_dir:   # every request, for a closer look: times relative to the first fault
+        with open(cluster.work / "requests.jsonl", "w") as fh:
+            for r in load.requests:
+                fh.write(json.dumps({**r.__dict__, "start": round(r.start - t_start, 3),
+                                     "end": round(r.end - t_start, 3)}) + "\n")
+    rows.append(row(f"total ({t_end - t_start:.0f} s)", total, t_start, None, None, []))
     print()
     print_table(rows)
     print("\nsent: requests in flight at any moment from the fault's injection until its recovery (total: the whole "
@@ -673,7 +683,8 @@ def main() -> int:
     p.add_argument("--chunks", type=int, default=10, help="content chunks per answer (mock --chunks)")
     p.add_argument("--chunk-interval", type=float, default=0.05, help="seconds between chunks (mock --chunk-interval)")
     p.add_argument("--new-connections", action="store_true", help="a new connection per request (default: keep-alive)")
-    p.add_argument("--work-dir", help="configs and logs go here and are kept (default: a temporary directory, removed)")
+    p.add_argument("--work-dir", help="configs, logs and requests.jsonl (every request) go here and are kept "
+                        "(default: a temporary directory, removed)")
     args, _ = p.parse_known_args()
     faults = [f for f in args.faults.split(",") if f]
     unknown = [f for f in faults if f not in RUNNERS]
