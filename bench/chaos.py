@@ -484,9 +484,18 @@ async def _restart_registry(ctx: Context, sig: int, state: bool) -> None:
     ctx.cluster.start_registry(state)
 
 
-async def _recovered_registry(ctx: Context) -> float | None:
-    return await ctx.monitor.until(lambda s: ctx.monitor.registry_complete(s) and ctx.monitor.all_routable(s),
+async def _recovered_registry(ctx: Context, out: Outcome | None = None) -> float | None:
+    """When the table is complete again; notes when the babysitters' records alone were (the router
+    registers again at its own next heartbeat, which routing does not wait for)."""
+    babysitters = asyncio.create_task(ctx.monitor.until(
+        lambda s: s.registry is not None and all(s.registry.get(n) == s.registry.get(n + "-server") == "running"
+                                                 for n in ctx.cluster.babysitters), ctx.args.recovery_timeout))
+    done = await ctx.monitor.until(lambda s: ctx.monitor.registry_complete(s) and ctx.monitor.all_routable(s),
                                    ctx.args.recovery_timeout)
+    t = await babysitters
+    if out is not None and t is not None:
+        out.notes.append(f"every babysitter's records back at +{t - out.t0:.1f} s")
+    return done
 
 
 async def fault_registry_restart(ctx: Context) -> Outcome:
@@ -494,7 +503,7 @@ async def fault_registry_restart(ctx: Context) -> Outcome:
         await _prepare_registry(ctx, state=False)
     out = Outcome("registry restart, no state_file", time.monotonic())
     await _restart_registry(ctx, signal.SIGTERM, state=False)
-    out.recovered = await _recovered_registry(ctx)
+    out.recovered = await _recovered_registry(ctx, out)
     low = ctx.monitor.min_routable(out.t0, out.recovered or time.monotonic())
     out.notes.append(f"router kept >= {low} of {ctx.args.backends} {MAIN} backends routable")
     return out
@@ -537,7 +546,7 @@ async def fault_registry_kill9(ctx: Context) -> Outcome:
     stop.set()
     await asyncio.gather(*writers)
     ctx.cluster.start_registry(True)
-    out.recovered = await _recovered_registry(ctx)
+    out.recovered = await _recovered_registry(ctx, out)
     if out.recovered is not None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
             async with s.get(ctx.cluster.registry_url + "/services") as r:
@@ -583,7 +592,8 @@ RECOVERY = {
     "backend-kill": "the router routes to the backend's new process (every backend routable, a new pid)",
     "babysitter-kill": "the router routes to the new babysitter's new backend",
     "registry-restart": "the registry lists every babysitter, backend and the router again, running, and the "
-                        "router routes to every backend",
+                        "router routes to every backend (the router's own record comes back at its next heartbeat, "
+                        "heartbeat_interval 10 s)",
     "registry-kill9": "as registry-restart",
     "router-restart": "detected = the new router is listed in the registry (then SIGTERM to the old one); "
                       "recovered = the old router has drained and exited",
@@ -596,12 +606,12 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}"
 
 
-def row(label: str, reqs: list[Request], t0: float, detected: float | None, recovered: float | None,
+def row(label: str, reqs: list[Request], t0: float | None, detected: float | None, recovered: float | None,
         notes: list[str]) -> list[str]:
     failed = [r for r in reqs if not r.ok]
     why = Counter(f"{r.model}: {r.why}" for r in failed)
     notes = notes + [f"{n} x {w}" for w, n in why.most_common(3)]
-    if failed:
+    if failed and t0 is not None:
         notes.append(f"failures ended between +{min(r.end for r in failed) - t0:.2f} and "
                      f"+{max(r.end for r in failed) - t0:.2f} s")
     slowest = max((r.end - r.start for r in reqs), default=None)
@@ -654,7 +664,7 @@ async def run(cluster: Cluster, args: argparse.Namespace, faults: list[str]) -> 
             for r in load.requests:
                 fh.write(json.dumps({**r.__dict__, "start": round(r.start - t_start, 3),
                                      "end": round(r.end - t_start, 3)}) + "\n")
-    rows.append(row(f"total ({t_end - t_start:.0f} s)", total, t_start, None, None, []))
+    rows.append(row(f"total ({t_end - t_start:.0f} s)", total, None, None, None, []))
     print()
     print_table(rows)
     print("\nsent: requests in flight at any moment from the fault's injection until its recovery (total: the whole "
