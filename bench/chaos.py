@@ -487,14 +487,16 @@ async def _restart_registry(ctx: Context, sig: int, state: bool) -> None:
 async def _recovered_registry(ctx: Context, out: Outcome | None = None) -> float | None:
     """When the table is complete again; notes when the babysitters' records alone were (the router
     registers again at its own next heartbeat, which routing does not wait for)."""
+    answering = asyncio.create_task(ctx.monitor.until(lambda s: s.registry is not None, ctx.args.recovery_timeout))
     babysitters = asyncio.create_task(ctx.monitor.until(
         lambda s: s.registry is not None and all(s.registry.get(n) == s.registry.get(n + "-server") == "running"
                                                  for n in ctx.cluster.babysitters), ctx.args.recovery_timeout))
     done = await ctx.monitor.until(lambda s: ctx.monitor.registry_complete(s) and ctx.monitor.all_routable(s),
                                    ctx.args.recovery_timeout)
-    t = await babysitters
-    if out is not None and t is not None:
-        out.notes.append(f"every babysitter's records back at +{t - out.t0:.1f} s")
+    up, t = await answering, await babysitters
+    if out is not None and up is not None and t is not None:
+        out.notes.append(f"the registry answered at +{up - out.t0:.1f} s, every babysitter's records were back "
+                         f"at +{t - out.t0:.1f} s")
     return done
 
 
