@@ -154,19 +154,19 @@ class Cluster:
         return [f"{b}-server" for b in self.babysitters]
 
     def teardown(self) -> list[str]:
-        """Stop everything started (routers first, then babysitters, then the registry); returns what had to be killed."""
+        """SIGTERM to everything started (each babysitter stops its backend), SIGKILL to what is still
+        up 20 s later; returns what had to be killed, backends that outlived their babysitter included."""
         for pid in self.stopped:
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-        order = sorted(self.started, key=lambda p: 0 if "router" in _key(self, p) else 2 if _key(self, p) == "registry" else 1)
-        for p in order:
+        for p in self.started:
             if p.poll() is None:
                 _signal_group(p.pid, signal.SIGTERM)
         killed = []
         deadline = time.monotonic() + 20
-        for p in order:
+        for p in self.started:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
