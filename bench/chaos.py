@@ -624,7 +624,7 @@ def print_table(rows: list[list[str]]) -> None:
     head = ["fault", "sent", "failed", "slowest (s)", "detected (s)", "recovered (s)", "notes"]
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
     for r in [head] + rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:])]
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:-1], widths[1:], strict=True)]
         print("  ".join(cells) + "  " + r[-1], flush=True)
 
 
