@@ -38,6 +38,7 @@ TASKS = web.AppKey("router_tasks", TaskSupervisor)
 LAG = web.AppKey("router_loop_lag", LoopLag)
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+FIRST_SYNC_WAIT = 5.0   # seconds a starting router waits for the registry's table before it listens
 
 
 def admin_only(config: RouterConfig, handler: Handler) -> Handler:
@@ -165,6 +166,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if config.registry_url:
         registry = RegistryClient(session, config.registry_url, config.registry_token, timeout=5.0)
         tasks.spawn("registry-watch", lambda: app[DISCOVERY].watch(registry))
+        # Listen (and register) only once the registry's table is in (or the registry could not be
+        # reached, or FIRST_SYNC_WAIT has passed): a new router of a rolling restart takes
+        # connections the moment it listens, and with an empty table it would answer them 503.
+        try:
+            await asyncio.wait_for(app[DISCOVERY].first_try.wait(), FIRST_SYNC_WAIT)
+        except asyncio.TimeoutError:
+            log.warning("no answer from the registry within %gs; serving while it is tried again", FIRST_SYNC_WAIT)
         record = router_record(config)
         reg = app[REGISTRATION]
         reg.registry, reg.name = registry, record["name"]

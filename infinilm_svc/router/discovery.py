@@ -91,6 +91,7 @@ class Discovery:
         self.grace_until = 0.0
         self.graced: set[str] = set()
         self.skipped: dict[str, str] = {}   # record name -> why it is not used (logged once per reason)
+        self.first_try = asyncio.Event()    # set once the registry's table is applied, or could not be had
 
     def apply(self, records: list[dict], static: bool = False) -> None:
         """Merge records into the table; registry backends not in `records` are removed.
@@ -233,6 +234,7 @@ class Discovery:
                 t.registry_ok = False
                 t.registry_error = str(exc)
                 t.registry_url, t.registry_failover = client.url, client.last_failover
+                self.first_try.set()
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
                 if index:
@@ -254,6 +256,7 @@ class Discovery:
             t.registry_index = new_index
             if records is not None:    # None: the table is as we have it
                 await self.apply_in_slices(records)
+            self.first_try.set()
             if index == 0:
                 await asyncio.sleep(min(1.0, self.config.watch_wait))
 
