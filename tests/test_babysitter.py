@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for
 
 PY = sys.executable
 FAST = {"restart_delay": 0.05, "backoff_max": 0.2, "heartbeat_interval": 0.3, "health_interval": 0.2,

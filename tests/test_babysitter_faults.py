@@ -7,7 +7,7 @@ import socket
 import sys
 import time
 
-from conftest import free_port, http_get_json, wait_for
+from harness import free_port, http_get_json, wait_for
 from test_babysitter import MOCK, alive, record, start_babysitter, start_registry, status, write_babysitter
 
 # The default liveness timings; only what does not decide how fast a hang is seen is shortened.

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, free_port, http_get_json, http_json, wait_for
+from harness import ROOT, free_port, http_get_json, http_json, wait_for
 
 HOST = "127.0.0.1"
 ROLE_MODULES = ["infinilm_svc.registry.app", "infinilm_svc.router.app", "infinilm_svc.babysitter.app",

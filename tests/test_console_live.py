@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for
+from harness import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for
 from console_pilot import ask_action
 from console.app import ConsoleApp
 from console.source import HttpSource

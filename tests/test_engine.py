@@ -15,7 +15,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for
 from test_babysitter import record, start_babysitter, start_registry, status, write_babysitter
 
 PY = sys.executable
@@ -271,7 +271,7 @@ def test_usage_of_reads_cached_prompt_tokens_in_any_key_order():
 
 
 def test_demo_llama_cpp_configs_check_with_the_built_engine(engine):
-    from conftest import ROOT
+    from harness import ROOT
 
     cfg = ROOT / "demo" / "integration-validation" / "config-llama.cpp"
     env = {**os.environ, "INFINILM_ENGINE_DIR": str(engine.server.parent.parent)}

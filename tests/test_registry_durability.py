@@ -17,7 +17,7 @@ import pytest
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for
 from test_registry_state import saved_names
 
 PY = sys.executable

@@ -13,7 +13,7 @@ import pytest
 
 from infinilm_svc.client.registry import RegistryClient
 
-from conftest import async_wait_for, free_port, http_get_json, wait_for
+from harness import async_wait_for, free_port, http_get_json, wait_for
 from etcd_cluster import EtcdCluster
 
 PY = sys.executable

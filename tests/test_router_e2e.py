@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for
 
 pytestmark = pytest.mark.e2e
 

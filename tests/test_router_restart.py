@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import async_wait_for, free_port
-from test_router_harness import HOST, dep  # noqa: F401 (a fixture)
+from harness import async_wait_for, free_port
+from router_harness import HOST, dep  # noqa: F401 (a fixture)
 from test_router_proxy import start_mock_process
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import free_port, http_get_json, wait_for
+from harness import free_port, http_get_json, wait_for
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.mock.app import create_app as create_mock
 from infinilm_svc.mock.options import MockOptions
