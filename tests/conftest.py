@@ -26,6 +26,24 @@ def pytest_report_header(config):
     return f"event loop: {LOOP} (INFINILM_LOOP)"
 
 
+# Modules that run the real engine, etcd clusters or load against several processes: in parallel
+# runs (./build.sh test runs pytest-xdist with --dist loadgroup) they take turns on one worker, so
+# two of them never compete for this machine's cores and their deadlines hold.
+HEAVY = {"test_demo_e2e", "test_engine", "test_registry_ha", "test_router_hang", "test_router_migration_engine",
+         "test_router_restart"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """One xdist group per module (its module-scoped fixtures are then started once), one for the
+    heavy modules together; those go first, as they take the longest."""
+    def group(item) -> str:
+        return "heavy" if item.path.stem in HEAVY else item.path.stem
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: group(item) != "heavy")
+
+
 @pytest.fixture
 def procs(tmp_path):
     """Start processes with procs.start([...]) or procs.pyz(...); all are killed at teardown."""
