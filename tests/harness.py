@@ -35,14 +35,16 @@ def _ephemeral_low() -> int:
 def _port_slice() -> range:
     """The ports of this test process: below the kernel's ephemeral range, so no outgoing connection
     and no bind to port 0 is ever given one between free_port() and the server's own bind; a slice
-    of its own per xdist worker, so parallel workers never race for one."""
+    of its own per event loop and xdist worker, so the runs on the two loops and their parallel
+    workers never race for one."""
     low, high = 10000, _ephemeral_low()
-    if high - low < 2000:  # an ephemeral range that starts low: use the ports above it
+    if high - low < 4000:  # an ephemeral range that starts low: use the ports above it
         low, high = 61000, 65535
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    size = (high - low) // max(workers, 1)
-    return range(low + worker * size, low + (worker + 1) * size)
+    lane = worker + (workers if os.environ.get("INFINILM_LOOP") == "asyncio" else 0)
+    size = (high - low) // (2 * workers)
+    return range(low + lane * size, low + (lane + 1) * size)
 
 
 _SLICE = _port_slice()
