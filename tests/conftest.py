@@ -26,22 +26,22 @@ def pytest_report_header(config):
     return f"event loop: {LOOP} (INFINILM_LOOP)"
 
 
-# Modules that run the real engine, etcd clusters or load against several processes: in parallel
-# runs (./build.sh test runs pytest-xdist with --dist loadgroup) they take turns on one worker, so
-# two of them never compete for this machine's cores and their deadlines hold.
-HEAVY = {"test_demo_e2e", "test_engine", "test_registry_ha", "test_router_hang", "test_router_migration_engine",
-         "test_router_restart"}
+# Modules that run the real engine, or etcd clusters or load against several processes: in parallel
+# runs (./build.sh test runs pytest-xdist with --dist loadgroup) each kind takes turns on one worker,
+# so no two of a kind compete for this machine's cores and their deadlines hold.
+HEAVY = {"test_demo_e2e": "engines", "test_engine": "engines", "test_router_migration_engine": "engines",
+         "test_registry_ha": "load", "test_router_hang": "load", "test_router_restart": "load"}
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """One xdist group per module (its module-scoped fixtures are then started once), one for the
-    heavy modules together; those go first, as they take the longest."""
+    """One xdist group per module (its module-scoped fixtures are then started once), one for each
+    kind of heavy module; those go first, as they take the longest."""
     def group(item) -> str:
-        return "heavy" if item.path.stem in HEAVY else item.path.stem
+        return HEAVY.get(item.path.stem, item.path.stem)
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
-    items.sort(key=lambda item: group(item) != "heavy")
+    items.sort(key=lambda item: item.path.stem not in HEAVY)
 
 
 @pytest.fixture
