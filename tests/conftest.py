@@ -26,10 +26,10 @@ def pytest_report_header(config):
     return f"event loop: {LOOP} (INFINILM_LOOP)"
 
 
-# Modules that run the real engine, the whole demo, or etcd clusters or load against several
-# processes: in parallel runs (./build.sh test runs pytest-xdist with --dist loadgroup) each kind
-# takes turns on one worker, so no two of a kind compete for this machine's cores and their deadlines hold.
-HEAVY = {"test_demo_e2e": "demo", "test_engine": "engines", "test_router_migration_engine": "engines",
+# Modules that run the real engine, or etcd clusters or load against several processes: in parallel
+# runs (./build.sh test runs pytest-xdist with --dist loadgroup) each kind takes turns on one worker,
+# so no two of a kind compete for this machine's cores and their deadlines hold.
+HEAVY = {"test_demo_e2e": "engines", "test_engine": "engines", "test_router_migration_engine": "engines",
          "test_registry_ha": "load", "test_router_hang": "load", "test_router_restart": "load"}
 
 
