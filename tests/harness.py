@@ -25,21 +25,26 @@ ROOT = Path(__file__).resolve().parent.parent
 PYZ = ROOT / "infinilm-svc.pyz"
 
 
-def _ephemeral_low() -> int:
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _port_slice() -> range:
-    """The ports of this test process: below the kernel's ephemeral range, so no outgoing connection
-    and no bind to port 0 is ever given one between free_port() and the server's own bind; a slice
-    of its own per event loop and xdist worker, so the runs on the two loops and their parallel
-    workers never race for one."""
-    low, high = 10000, _ephemeral_low()
-    if high - low < 4000:  # an ephemeral range that starts low: use the ports above it
-        low, high = 61000, 65535
+    """The ports of this test process: outside the kernel's ephemeral range, so no outgoing
+    connection and no bind to port 0 is ever given one between free_port() and the server's own
+    bind; a slice of its own per event loop and xdist worker, so the runs on the two loops and their
+    parallel workers never race for one."""
+    eph_low, eph_high = _ephemeral_range()
+    if eph_low - 10000 >= 4000:
+        low, high = 10000, eph_low
+    elif 65536 - (eph_high + 1) >= 4000:
+        low, high = eph_high + 1, 65536
+    else:  # an ephemeral range over nearly every port: share it, and the rare race, with the kernel
+        low, high = 10000, 30000
     workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
     lane = worker + (workers if os.environ.get("INFINILM_LOOP") == "asyncio" else 0)
