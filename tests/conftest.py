@@ -28,7 +28,10 @@ def pytest_report_header(config):
 
 # Modules that run the real engine, or etcd clusters or load against several processes: in parallel
 # runs (./build.sh test runs pytest-xdist with --dist loadgroup) each kind takes turns on one worker,
-# so no two of a kind compete for this machine's cores and their deadlines hold.
+# so no two of a kind compete for this machine's cores and their deadlines hold. The demo's tests
+# are among the engines: one runs llama-servers (two at once made the migration test time out), and
+# the demo's babysitters share one log and pid directory, so two demo tests at once end each
+# other's backends.
 HEAVY = {"test_demo_e2e": "engines", "test_engine": "engines", "test_router_migration_engine": "engines",
          "test_registry_ha": "load", "test_router_hang": "load", "test_router_restart": "load"}
 
