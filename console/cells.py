@@ -37,6 +37,7 @@ MODEL_COLUMNS: list[tuple[str, str]] = [
 ]
 
 Colour = Callable[[str], str]   # state kind -> a colour rich understands
+Cell = Text | str                # what a table cell shows
 
 
 def state_kind(state: str) -> str:
@@ -97,7 +98,7 @@ def route_text(route: Route | None, colour: Colour, elapsed: float = 0.0) -> Tex
     return Text(f"{head}: {why}", style=colour("error") if route.routable == 0 else colour("warning"))
 
 
-def service_cells(row: ServiceRow, colour: Colour, elapsed: float = 0.0) -> dict[str, object]:
+def service_cells(row: ServiceRow, colour: Colour, elapsed: float = 0.0) -> dict[str, Cell]:
     """The services table's cells for one row, by column key; `elapsed`: seconds since the poll,
     added to heartbeat ages and taken from circuit countdowns so they tick between polls."""
     lat: Latency = row.latency
@@ -121,7 +122,7 @@ def service_cells(row: ServiceRow, colour: Colour, elapsed: float = 0.0) -> dict
     }
 
 
-def model_cells(row: ModelRow, colour: Colour) -> dict[str, object]:
+def model_cells(row: ModelRow, colour: Colour) -> dict[str, Cell]:
     """The models table's cells for one row, by column key."""
     total = len(row.backends)
     full = row.healthy == total and total and not row.lost

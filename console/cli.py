@@ -5,8 +5,12 @@ import argparse
 import asyncio
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from infinilm_svc.validate.cli import http_urls
+
+if TYPE_CHECKING:
+    from .cells import Cell
 
 DEFAULT_REGISTRY = "http://127.0.0.1:18000"
 
@@ -51,7 +55,7 @@ def print_once(registry: str, out=None) -> int:
     return 0
 
 
-def fitting_columns(columns: list[tuple[str, str]], cells: list[dict[str, object]], width: int) -> list[tuple[str, str]]:
+def fitting_columns(columns: list[tuple[str, str]], cells: list[dict[str, Cell]], width: int) -> list[tuple[str, str]]:
     """The columns that fit in `width`, dropping the least important first; never a number's column."""
     from .cells import DROP_FIRST
 
@@ -72,7 +76,7 @@ def print_tables(snap, registry: str, console) -> None:
 
     from .cells import MODEL_COLUMNS, PLAIN_COLOURS, SERVICE_COLUMNS, model_cells, service_cells
 
-    def table(title: str, columns: list[tuple[str, str]], cells: list[dict[str, object]]) -> Table:
+    def table(title: str, columns: list[tuple[str, str]], cells: list[dict[str, Cell]]) -> Table:
         out = Table(title=f"{title} ({len(cells)})", title_justify="left")
         kept = fitting_columns(columns, cells, console.width)
         for key, label in kept:
@@ -83,7 +87,9 @@ def print_tables(snap, registry: str, console) -> None:
             out.add_row(*(row[k] for k, _ in kept))
         return out
 
-    colour = PLAIN_COLOURS.get
+    def colour(kind: str) -> str:
+        return PLAIN_COLOURS.get(kind, "")
+
     console.print(table(f"services @ {registry}", SERVICE_COLUMNS, [service_cells(r, colour) for r in snap.services]))
     console.print(table("models", MODEL_COLUMNS, [model_cells(m, colour) for m in snap.models]))
     for err in snap.router_errors:

@@ -10,11 +10,11 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Label, Sparkline, Static
 
-from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, route_text, state_text
 from infinilm_svc.client.babysitter import LogLine
 
-from .rows import ServiceRow, Snapshot
+from .cells import fmt_age, fmt_int, fmt_ms, fmt_rate, log_text, route_text, state_text
 from .logview import LogView
+from .rows import ServiceRow, Snapshot
 from .status import StatusBar
 
 RECONNECT_MAX = 10.0
@@ -56,11 +56,14 @@ class DetailScreen(Screen):
         log.refill()
         log.focus()
         self.watch(self.app, "snapshot", self.show, init=True)
-        self.watch(self.app, "stale", lambda stale: self.set_class(stale, "-stale"), init=True)
+        self.watch(self.app, "stale", self._show_stale, init=True)
         if self.babysitter_url:
             self.run_worker(self._follow_log(), group="log", exclusive=True)
         else:
             self._note("this backend has no babysitter: no log to follow")
+
+    def _show_stale(self, stale: bool) -> None:
+        self.set_class(stale, "-stale")
 
     def show(self, snapshot: Snapshot | None) -> None:
         if snapshot is None:

@@ -5,6 +5,7 @@ import re
 from collections import deque
 
 from rich.text import Text
+from textual import events
 from textual.binding import Binding
 from textual.widgets import RichLog
 
@@ -54,7 +55,7 @@ class LogView(RichLog):
         width = self.scrollable_content_region.width
         return width if width > 0 else None
 
-    def on_resize(self) -> None:
+    def on_resize(self, event: events.Resize) -> None:
         # Lines wrapped for the old width are wrapped again for the new one.
         if self._wrap_width() != self._wrapped_at:
             self._wrapped_at = self._wrap_width()

@@ -28,7 +28,10 @@ class ModelsScreen(Screen):
     def on_mount(self) -> None:
         self.query_one(KeyedTable).focus()
         self.watch(self.app, "snapshot", self.show, init=True)
-        self.watch(self.app, "stale", lambda stale: self.set_class(stale, "-stale"), init=True)
+        self.watch(self.app, "stale", self._show_stale, init=True)
+
+    def _show_stale(self, stale: bool) -> None:
+        self.set_class(stale, "-stale")
 
     def show(self, snapshot: Snapshot | None) -> None:
         if snapshot is None:

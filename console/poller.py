@@ -11,8 +11,18 @@ import aiohttp
 
 from infinilm_svc.client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 
-from .rows import (GONE_STATES, Latency, ModelRow, Point, Route, ServiceRow, Snapshot, as_float, as_int, row_from_record,
-                   vanished_row)
+from .rows import (
+    Latency,
+    ModelRow,
+    Point,
+    Route,
+    ServiceRow,
+    Snapshot,
+    as_float,
+    as_int,
+    row_from_record,
+    vanished_row,
+)
 
 HISTORY = 60            # points kept per backend for the sparklines
 EXPIRED_LINGER = 30.0   # seconds a vanished record stays on screen marked "gone" or "expired"
@@ -72,7 +82,7 @@ class _Sum:
 
     def latency(self) -> Latency:
         """Percentiles averaged over routers, weighted by requests (exact with one router)."""
-        out = []
+        out: list[float | None] = []
         for attr in ("p50", "p90", "p99"):
             pairs = [(n, getattr(lat, attr)) for n, lat in self.weight if getattr(lat, attr) is not None]
             total = sum(n for n, _ in pairs)
@@ -136,7 +146,7 @@ class Poller:
         verdicts: dict[str, list[dict]] = {}
         errors: list[str] = []
         answered = 0
-        for url, res in zip(urls, results):
+        for url, res in zip(urls, results, strict=True):
             if isinstance(res, BaseException):
                 errors.append(f"{url}: {type(res).__name__} {res}".strip())
                 continue

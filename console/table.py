@@ -86,8 +86,10 @@ class KeyedTable(DataTable):
         here, with the caches dropped, makes the next frame exact.
         """
         changed = force
-        for column in self.columns.values():
-            key = column.key.value
+        for key, _ in self.column_spec:
+            column = self.columns.get(ColumnKey(key))
+            if column is None:
+                continue
             widest = max([cell_len(column.label), *(cell_len(c[key]) for c in self._cells.values())])
             if column.content_width != widest:
                 column.content_width = widest

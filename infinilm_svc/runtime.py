@@ -54,7 +54,11 @@ class RoleHandler(Protocol):
 # this one drains (the router sets both).
 SHUTDOWN_TIMEOUT = web.AppKey("shutdown_timeout", float)
 REUSE_PORT = web.AppKey("reuse_port", bool)
-_LATE_REQUEST_GRACE = 0.5   # seconds between closing a draining role's listener and its idle connections
+# A draining role (REUSE_PORT) stops listening, then answers every request with `Connection: close`
+# for up to this long (seconds), or until its clients have all closed their connections, before it
+# closes the idle ones: a keep-alive client that sends its next request then gets an answer and
+# moves to the new listener, instead of losing a request sent just as its idle connection closes.
+KEEPALIVE_DRAIN = web.AppKey("keepalive_drain", float)
 
 # A role whose app holds a RequestHandler here is served by it instead of the app's route table
 # (the router does this for its proxy path); the app still owns startup and cleanup.
@@ -96,21 +100,37 @@ class AppRunner(web.AppRunner):
     by it instead of its route table; and a draining app (REUSE_PORT) stops listening before its
     idle connections are closed. The app's startup and cleanup run as usual."""
 
+    draining = False
+
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         handler = self.app.get(REQUEST_HANDLER)
+        factory = handler.make_request if handler is not None else plain.request_factory
+
+        def make_request(message: Any, *args: Any) -> web.BaseRequest:
+            if self.draining:
+                message = message._replace(should_close=True)   # answered with Connection: close
+            return factory(message, *args)
+
         return _EnvelopeServer(handler.dispatch if handler is not None else plain.request_handler,
-                               request_factory=handler.make_request if handler is not None else plain.request_factory,
+                               request_factory=make_request,
                                handler_cancellation=plain.handler_cancellation,
                                loop=plain._loop, **plain._kwargs)  # noqa: SLF001 - rebuilt as-is, one class swapped
 
     async def cleanup(self) -> None:
         if self.app.get(REUSE_PORT):
-            # Stop listening first, then give connections accepted in the last moment time to send
-            # their request before aiohttp closes every connection that has none in progress.
+            # Stop listening first; then, while keep-alive clients send their next request, answer
+            # each with Connection: close (they reconnect to the new listener), until they have all
+            # gone or _KEEPALIVE_DRAIN passes; then aiohttp closes the connections with no request
+            # in progress and waits for the others.
             for site in list(self.sites):
                 await site.stop()
-            await asyncio.sleep(_LATE_REQUEST_GRACE)
+            self.draining = True
+            loop = asyncio.get_running_loop()
+            until = loop.time() + self.app.get(KEEPALIVE_DRAIN, 2.0)
+            server = self.server
+            while server is not None and server.connections and loop.time() < until:
+                await asyncio.sleep(0.05)
         await super().cleanup()
 
 

@@ -40,7 +40,7 @@ def backend_record(name: str, port: int, models: list[str], status: str = "runni
 def router_config(registry_url: str | None, **kw: Any) -> RouterConfig:
     base = RouterConfig(bind=HOST, port=free_port(), registry_url=registry_url, health_interval=0.2,
                         health_timeout=1.0, heartbeat_interval=0.2, watch_wait=5.0, eject_cooldown=2.0,
-                        retry_backoff=0.01, access_log=False,
+                        retry_backoff=0.01, access_log=False, keepalive_drain=0.5,
                         static_services=kw.pop("static_services", None))
     return replace(base, **kw)
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 import os
 import sys
 
-from infinilm_svc.babysitter.logbook import LogBook, RotatingLogFile
+from infinilm_svc.babysitter.logbook import LogBook, LogFile
 from infinilm_svc.babysitter.process import launch_spec, probe_host
 from infinilm_svc.babysitter.supervisor import describe_exit, parse_models
 from infinilm_svc.config.babysitter import BabysitterConfig, BackendConfig
 
 
 def cfg(backend: BackendConfig, **kw) -> BabysitterConfig:
-    return BabysitterConfig(port=8100, backend=backend, name="bs", config_dir="/etc/bs", **kw)
+    """A config as if read from /etc/bs/bs.toml."""
+    return BabysitterConfig(port=8100, backend=backend, name="bs", **kw).with_paths_from("/etc/bs")
 
 
 def test_command_is_split_like_a_shell_and_args_are_never_resplit():
@@ -50,14 +51,37 @@ def test_model_lists_and_exit_descriptions():
 
 
 def test_log_file_rotates_at_its_size_cap(tmp_path):
-    f = RotatingLogFile(str(tmp_path / "logs" / "b.log"), max_bytes=100, backups=2)
+    book = LogBook("bs", ring_lines=100, file=LogFile(str(tmp_path / "logs" / "b.log"), max_bytes=100, backups=2))
     for i in range(30):
-        f.write(f"line {i:02d} xxxxxxxxxx\n")
-    f.close()
-    names = sorted(p.name for p in (tmp_path / "logs").iterdir())
-    assert names == ["b.log", "b.log.1", "b.log.2"]
-    assert all(p.stat().st_size <= 100 for p in (tmp_path / "logs").iterdir())
-    assert "line 29" in (tmp_path / "logs" / "b.log").read_text()
+        book.add("stdout", f"line {i:02d} xxxxxxxxxx")
+    book.close()
+    logs = tmp_path / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["b.log", "b.log.1", "b.log.2"]
+    assert all(p.stat().st_size <= 100 for p in logs.iterdir())
+    assert (logs / "b.log").read_text().endswith("[stdout] line 29 xxxxxxxxxx\n")
+    assert "[stdout] line 27 xxxxxxxxxx\n" in (logs / "b.log.1").read_text()
+
+
+def test_without_backups_a_full_log_file_starts_afresh(tmp_path):
+    """log_backups = 0: no .1 file, and the file stays under its cap instead of growing."""
+    book = LogBook("bs", ring_lines=100, file=LogFile(str(tmp_path / "b.log"), max_bytes=100, backups=0))
+    for i in range(30):
+        book.add_lines("stdout", [f"line {i:02d} xxxxxxxxxx"])
+    book.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["b.log"]
+    text = (tmp_path / "b.log").read_text()
+    assert len(text) <= 100 and text.endswith("[stdout] line 29 xxxxxxxxxx\n")
+
+
+def test_a_log_file_that_cannot_be_written_leaves_the_in_memory_log(caplog):
+    """A full disk (/dev/full) ends the file, once, with a warning; lines still reach the ring."""
+    book = LogBook("bs", ring_lines=100, file=LogFile("/dev/full", max_bytes=1000, backups=1))
+    book.add_lines("stdout", ["first"])
+    book.add_lines("stdout", ["second"])
+    assert book.file is None and [e.line for e in book.tail(2)] == ["first", "second"]
+    warnings = [r.getMessage() for r in caplog.records if "cannot write the log file" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    book.close()
 
 
 async def test_ring_keeps_the_last_lines_and_followers_get_new_ones():

@@ -69,7 +69,35 @@ def test_node_file_lists_babysitters_relative_to_itself(tmp_path):
     node = load_config_files([node_file])
     assert node.registry.port == 18001 and node.router.policy == "session"
     assert [b.service_name for b in node.babysitters] == ["mock-one"]
-    assert node.babysitters[0].config_dir == str((tmp_path / "sub").resolve())
+    assert node.babysitters[0].babysitter.log_dir == str((tmp_path / "sub" / "logs").resolve())
+
+
+def test_every_path_in_a_babysitter_file_is_resolved_when_it_is_read(tmp_path, monkeypatch):
+    """Relative paths are the file's directory's, ~ and $VARIABLES are expanded, and log_file sits
+    in log_dir: the loaded config holds absolute paths, whatever the working directory is later."""
+    monkeypatch.setenv("MODELS", "/models")
+    (tmp_path / "conf").mkdir()
+    f = tmp_path / "conf" / "b.toml"
+    f.write_text('port = 8500\n[backend]\ntype = "llama.cpp"\nmodel_path = "$MODELS/tiny.gguf"\nwork_dir = "run"\n'
+                 '[babysitter]\nlog_dir = "~/bs-logs"\nlog_file = "engine.log"\n')
+    g = tmp_path / "conf" / "c.toml"
+    g.write_text('port = 8600\n[backend]\ntype = "infinilm"\nmodel_path = "m"\n[babysitter]\nlog_file = "x/c.log"\n')
+    monkeypatch.chdir("/")
+    b, c = load_config_files([f, g]).babysitters
+    here = tmp_path.resolve() / "conf"
+    assert b.backend.model_path == "/models/tiny.gguf" and b.backend.work_dir == str(here / "run")
+    home = Path("~").expanduser()
+    assert (b.babysitter.log_dir, b.babysitter.log_file) == (str(home / "bs-logs"), str(home / "bs-logs" / "engine.log"))
+    assert c.backend.model_path == str(here / "m") and c.backend.work_dir is None
+    assert (c.babysitter.log_dir, c.babysitter.log_file) == (str(here / "logs"), str(here / "logs" / "x" / "c.log"))
+
+
+def test_two_babysitters_with_one_name_are_reported_at_the_second_file(tmp_path):
+    for n, port in (("a", 8700), ("b", 8800)):
+        (tmp_path / f"{n}.toml").write_text(f'name = "same"\nport = {port}\n[backend]\ntype = "mock"\nmodels = ["m"]\n')
+    with pytest.raises(ConfigError) as exc:
+        load_config_files([tmp_path / "a.toml", tmp_path / "b.toml"])
+    assert [str(p) for p in exc.value.problems] == [f"{tmp_path / 'b.toml'}: name: two babysitters are named 'same'"]
 
 
 def test_three_mistakes_are_all_reported_with_file_key_and_line():
@@ -92,6 +120,7 @@ def test_three_mistakes_are_all_reported_with_file_key_and_line():
     ('port = 8100\nname = "a/b"\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "contain no '/'"),
     ('port = 8100\nregistry_url = "localhost:18000"\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "http:// or https:// URL"),
     ('port = 8100\n[babysitter]\nrestart_delay = -1\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "restart_delay must be >= 0"),
+    ('port = 8100\n[babysitter]\nlog_backups = -1\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "babysitter.log_backups: log_backups must be >= 0, got -1"),
     ('port = 8100\n[backend]\ntype = "mock"\nmodels = ["m"]\nargs = "x y"\n', "backend.args: expected array of strings"),
     ('port = 8100\n[backend]\ntype = "mock"\nmodels = ["m"]\nenv = { A = 1 }\n', "backend.env.A: expected string"),
     ('port = 8100\nregistry_url = 5\n[backend]\ntype = "mock"\nmodels = ["m"]\n', "registry_url: expected string or array of strings, got integer"),

@@ -61,7 +61,7 @@ async def test_a_llama_server_killed_mid_stream_is_continued_on_another(engine, 
     await dep.start_router(policy="round_robin", health_interval=300)
     await dep.wait_routable(2)
     # ignore_eos: the tiny model may end early, and a stream that ends before the kill cannot migrate.
-    # 400 tokens take seconds to generate here, and the kill comes at the 8th piece the client reads.
+    # 400 tokens: two whole streams fit the session's 60 s on a loaded 2-core machine (1,500 did not).
     body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 400, "temperature": 0,
             "ignore_eos": True, "stream": True}
     # The answer with no failure, from the engine that will survive (same model, greedy sampling).

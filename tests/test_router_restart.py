@@ -110,3 +110,44 @@ async def test_a_rolling_restart_under_load_refuses_no_connection_and_finishes_o
     assert not any(s["name"] == "router-old" for s in services)
     print(f"{len(results)} requests, none failed; the old router drained its stream and exited after {drained:.1f}s")
 
+
+
+async def test_a_keep_alive_request_sent_while_the_router_drains_is_answered_and_told_to_reconnect(dep, procs, tmp_path):
+    """A client on a keep-alive connection whose next request arrives after SIGTERM: it is answered
+    with `Connection: close`, so the client reconnects (to the new router of a rolling restart).
+    Before: the old router closed its idle connections 0.5 s after SIGTERM whatever came, and a
+    request sent at that moment was lost (bench/chaos.py: 0-5 per rolling restart at 30 req/s)."""
+    await start_mock_process(dep, procs, "a", ["m"])
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    old = router_process(procs, tmp_path, dep.registry_url, port, "router-old")
+
+    async def serves() -> bool:
+        try:
+            async with dep.session.get(url + "/health") as r:
+                return (await r.json())["healthy_services"] == "1/1"
+        except aiohttp.ClientError:
+            return False
+    await async_wait_for(serves, timeout=20, what="the router serving")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as s:
+        async with s.post(url + "/v1/chat/completions", json=chat) as r:
+            assert r.status == 200 and r.headers.get("Connection", "").lower() != "close"
+            await r.read()
+        old.send_signal(signal.SIGTERM)
+
+        async def refused() -> bool:    # the old router has stopped listening
+            try:
+                _, w = await asyncio.open_connection(HOST, port)
+            except OSError:
+                return True
+            w.close()
+            return False
+        await async_wait_for(refused, timeout=10, what="the draining router's listener closed")
+        # The same (kept-alive) connection: no listener is left to open another one.
+        async with s.post(url + "/v1/chat/completions", json=chat) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers.get("Connection", "").lower() == "close"
+            await r.read()
+    assert old.wait(timeout=30) == 0

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import time
+from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -16,7 +17,7 @@ from ..config.babysitter import BabysitterConfig
 from ..errors import ApiError, error_middleware, expect_continue
 from ..runtime import FORCE_EXIT_HOOKS
 from ..wire import dumps, json_response
-from .logbook import LogBook, LogLine, RotatingLogFile
+from .logbook import LogBook, LogFile, LogLine
 from .metrics import make_metrics
 from .registration import Registration
 from .supervisor import RUNNING, Supervisor
@@ -34,33 +35,37 @@ KEYS = web.AppKey("babysitter_keys", KeyRing)
 
 
 def log_path(config: BabysitterConfig) -> str:
-    """The backend's log file: log_file or <name>.log, in log_dir, relative to the config's directory."""
+    """The backend's log file: log_file, or <name>.log in log_dir (both resolved when the file was read)."""
     policy = config.babysitter
-    directory = policy.log_dir if os.path.isabs(policy.log_dir) else os.path.join(config.config_dir, policy.log_dir)
-    name = policy.log_file or f"{config.service_name}.log"
-    return name if os.path.isabs(name) else os.path.join(directory, name)
+    return policy.log_file or os.path.join(policy.log_dir, f"{config.service_name}.log")
 
 
-async def _supervision(app: web.Application):
-    """cleanup_ctx: start the backend and the registration; on exit deregister and stop the child."""
-    config = app[CONFIG]
-    logbook = app[LOGBOOK]
+async def _supervision(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the HTTP session, then the supervisor and the registration built on it; start
+    them; on exit deregister, stop the child and close the session."""
+    config, logbook, tasks = app[CONFIG], app[LOGBOOK], app[TASKS]
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, force_close=True))
-    supervisor = app[SUPERVISOR]
-    supervisor.session = session
-    registration = app.get(REGISTRATION)
-    if registration is not None:
-        registration.client.session = session
-    supervisor.start(app[TASKS])
-    if registration is not None:
-        registration.start(app[TASKS])
     try:
-        yield
-    finally:
+        supervisor = app[SUPERVISOR] = Supervisor(config, logbook, session,
+                                                  pid_file=os.path.splitext(log_path(config))[0] + ".pid")
+        supervisor.listeners.append(lambda state: log.info("%s: backend %s", config.service_name, state))
+        registration = None
+        if config.registry_url:
+            registration = app[REGISTRATION] = Registration(config, supervisor, session)
+            supervisor.listeners.append(registration.poke)
+        app[METRICS] = make_metrics(supervisor, logbook, registration)
+        app[FORCE_EXIT_HOOKS] = [supervisor.kill_now]
+        supervisor.start(tasks)
         if registration is not None:
-            await registration.close()
-        await supervisor.close()
-        await app[TASKS].close()
+            registration.start(tasks)
+        try:
+            yield
+        finally:
+            if registration is not None:
+                await registration.close()
+            await supervisor.close()
+    finally:
+        await tasks.close()
         await session.close()
         logbook.close()
 
@@ -226,23 +231,14 @@ def create_app(config: BabysitterConfig) -> web.Application:
     app[KEYS] = KeyRing([config.token] if config.token else [])
     policy = config.babysitter
     try:
-        file = RotatingLogFile(log_path(config), policy.log_max_bytes, policy.log_backups)
+        file = LogFile(log_path(config), policy.log_max_bytes, policy.log_backups)
     except OSError as exc:
         log.warning("%s: no log file (%s); keeping the in-memory log only", config.service_name, exc)
         file = None
-    app[LOGBOOK] = logbook = LogBook(config.service_name, policy.log_ring_lines, file, policy.log_ring_bytes)
-    # The HTTP session is attached in cleanup_ctx; the objects exist from the start so handlers
-    # always find them.
-    supervisor = app[SUPERVISOR] = Supervisor(config, logbook, None,
-                                              pid_file=os.path.splitext(log_path(config))[0] + ".pid")
-    supervisor.listeners.append(lambda state: log.info("%s: backend %s", config.service_name, state))
-    registration = None
-    if config.registry_url:
-        registration = app[REGISTRATION] = Registration(config, supervisor, None)
-        supervisor.listeners.append(registration.poke)
-    app[METRICS] = make_metrics(supervisor, logbook, registration)
+    app[LOGBOOK] = LogBook(config.service_name, policy.log_ring_lines, file, policy.log_ring_bytes)
+    # The supervisor, the registration and the metrics need the HTTP session: _supervision
+    # creates it at startup, then them (before any request is served).
     app.cleanup_ctx.append(_supervision)
-    app[FORCE_EXIT_HOOKS] = [app[SUPERVISOR].kill_now]
     app.on_shutdown.append(_end_followers)
     r = app.router
     r.add_get("/health", health)

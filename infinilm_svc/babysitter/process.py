@@ -71,7 +71,7 @@ def launch_spec(config: BabysitterConfig) -> LaunchSpec:
     elif b.type == "infinilm-rust":
         argv = ["xtask", "service", b.config_file or "", "-p", port, *args]
     elif b.type == "llama.cpp":
-        argv = shlex.split(b.command or LLAMA_SERVER) + ["--model", config.resolve(b.model_path or ""),
+        argv = shlex.split(b.command or LLAMA_SERVER) + ["--model", b.model_path or "",
                                                          "--host", listen, "--port", port]
         if b.models and not ({"-a", "--alias"} & {a.split("=", 1)[0] for a in args}):
             argv += ["--alias", b.models[0]]   # the served name; else the engine's own (its file path)
@@ -83,10 +83,7 @@ def launch_spec(config: BabysitterConfig) -> LaunchSpec:
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in b.env.items()})
     env.setdefault("PYTHONUNBUFFERED", "1")
-    cwd = None
-    if b.work_dir:
-        cwd = b.work_dir if os.path.isabs(b.work_dir) else os.path.join(config.config_dir, b.work_dir)
-    return LaunchSpec(tuple(argv), env, cwd)
+    return LaunchSpec(tuple(argv), env, b.work_dir or None)
 
 
 def signal_number(name: str) -> int:

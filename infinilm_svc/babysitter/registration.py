@@ -25,7 +25,7 @@ class Registration:
 
     EPOCH_WAIT = 120.0
 
-    def __init__(self, config: BabysitterConfig, supervisor: Supervisor, session: aiohttp.ClientSession | None) -> None:
+    def __init__(self, config: BabysitterConfig, supervisor: Supervisor, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.supervisor = supervisor
         interval = config.babysitter.heartbeat_interval

@@ -69,7 +69,7 @@ def parse_models(body: Any) -> list[dict]:
 class Supervisor:
     """Keeps one backend running and says, at every moment, what state it is really in."""
 
-    def __init__(self, config: BabysitterConfig, logbook: LogBook, session: aiohttp.ClientSession | None,
+    def __init__(self, config: BabysitterConfig, logbook: LogBook, session: aiohttp.ClientSession,
                  pid_file: str | None = None) -> None:
         self.config = config
         self.pid_file = pid_file          # the running backend's pid, for the next babysitter if we are killed
@@ -391,7 +391,7 @@ class Supervisor:
             if ok and ready:
                 self.models_list = self._declared_models()
             return ok
-        paths = ("/v1/models", "/models")
+        paths: tuple[str, ...] = ("/v1/models", "/models")
         if not ready and self._live_path is not None:
             paths = (self._live_path,)
         for path in paths:

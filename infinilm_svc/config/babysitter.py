@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, overload
 
 from .schema import check_port, check_positive, check_url, check_urls
 
@@ -49,6 +49,9 @@ class SupervisionConfig:
             out.append(("liveness_failures", f"liveness_failures must be >= 1, got {self.liveness_failures}"))
         if self.stopsignal.upper().removeprefix("SIG") not in ("TERM", "INT", "QUIT", "HUP", "KILL", "USR1", "USR2"):
             out.append(("stopsignal", f"unknown signal {self.stopsignal!r} (TERM, INT, QUIT, HUP, KILL, USR1, USR2)"))
+        for name in ("log_max_bytes", "log_backups"):
+            if getattr(self, name) < 0:
+                out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
         if self.log_ring_lines < 10:
             out.append(("log_ring_lines", f"log_ring_lines must be >= 10, got {self.log_ring_lines}"))
         if self.log_ring_bytes < 65536:
@@ -112,6 +115,22 @@ class BackendConfig:
         return out
 
 
+@overload
+def _absolute(path: str, directory: str) -> str: ...
+
+
+@overload
+def _absolute(path: None, directory: str) -> None: ...
+
+
+def _absolute(path: str | None, directory: str) -> str | None:
+    """`path` with ~ and $VARIABLES expanded, taken from `directory` when relative."""
+    if path is None:
+        return None
+    path = os.path.expanduser(os.path.expandvars(path))
+    return path if os.path.isabs(path) else os.path.join(directory, path)
+
+
 def gguf_problem(path: str) -> str | None:
     """Why `path` cannot be a model for llama-server (missing, unreadable, not GGUF), or None."""
     try:
@@ -138,9 +157,6 @@ class BabysitterConfig:
     token: str | None = None          # registry token, also required by POST /restart|/stop|/start
     babysitter: SupervisionConfig = field(default_factory=SupervisionConfig)
     metadata: Mapping[str, Any] = field(default_factory=dict)
-    config_dir: str = "."             # directory of the file, for relative paths (not a TOML key)
-
-    INTERNAL_FIELDS = ("config_dir",)
 
     @property
     def service_name(self) -> str:
@@ -173,17 +189,22 @@ class BabysitterConfig:
             out.append(("token", "token must not be empty (leave it out to disable auth)"))
         return out
 
-    def resolve(self, path: str) -> str:
-        """A path from the file: ~ and $VARIABLES expanded, relative to the file's directory."""
-        path = os.path.expanduser(os.path.expandvars(path))
-        return path if os.path.isabs(path) else os.path.join(self.config_dir, path)
+    def with_paths_from(self, directory: str) -> "BabysitterConfig":
+        """This config with its paths resolved once, as the file meant them: ~ and $VARIABLES
+        expanded, relative ones taken from `directory` (the file's), `log_file` placed in `log_dir`."""
+        b, policy = self.backend, self.babysitter
+        log_dir = _absolute(policy.log_dir, directory)
+        return replace(
+            self,
+            backend=replace(b, work_dir=_absolute(b.work_dir, directory), model_path=_absolute(b.model_path, directory)),
+            babysitter=replace(policy, log_dir=log_dir, log_file=_absolute(policy.log_file, log_dir)))
 
     def check_files(self) -> list[tuple[str, str]]:
         """Files the backend needs that are missing now (check-config; at run time the engine says)."""
         b = self.backend
         out = []
         if b.type == "llama.cpp" and b.model_path:
-            if (m := gguf_problem(self.resolve(b.model_path))):
+            if (m := gguf_problem(b.model_path)):
                 out.append(("backend.model_path", m))
         return out
 

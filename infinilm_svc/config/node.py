@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from .babysitter import BabysitterConfig
 from .registry import RegistryConfig
 from .router import RouterConfig
 from .schema import ConfigError, Problem, Source, is_missing, load_table
-
 
 
 @dataclass(frozen=True)
@@ -20,7 +19,6 @@ class NodeConfig:
     registry: RegistryConfig | None = None
     router: RouterConfig | None = None
     babysitters: tuple[BabysitterConfig, ...] = ()
-    files: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
@@ -37,29 +35,30 @@ def _load_babysitter(path: Path, src: Source, data: dict, check_files: bool) -> 
     cfg = load_table(BabysitterConfig, data, src)
     if is_missing(cfg):
         return None
-    cfg = replace(cfg, config_dir=str(path.parent.resolve()))
+    cfg = cfg.with_paths_from(str(path.parent.resolve()))
     if check_files:
         for key, msg in cfg.check_files():
             src.problem(tuple(key.split(".")), msg)
     return cfg
 
 
-def _load_one(path: Path, problems: list[Problem], seen: set[Path], check_files: bool) -> NodeConfig:
+def _load_one(path: Path, problems: list[Problem], seen: set[Path], check_files: bool) -> tuple[NodeConfig, list[str]]:
+    """The roles of one file, and the file each of its babysitters came from."""
     real = path.resolve()
     if real in seen:
         problems.append(Problem(str(path), None, "", "file is included more than once"))
-        return NodeConfig()
+        return NodeConfig(), []
     seen.add(real)
     src, data = Source.read(path, problems)
     if data is None:
-        return NodeConfig()
+        return NodeConfig(), []
     if _is_babysitter_file(data):
         b = _load_babysitter(path, src, data, check_files)
-        return NodeConfig(babysitters=(b,) if b else (), files=(str(path),))
+        return (NodeConfig(babysitters=(b,)), [str(path)]) if b else (NodeConfig(), [])
     if not any(k in data for k in ("registry", "router", "babysitters")):
         src.problem((), "declares no role: expected [registry], [router], babysitters = [...] "
                         "or an upstream babysitter file (port, [backend])")
-        return NodeConfig()
+        return NodeConfig(), []
     for key in data:
         if key not in ("registry", "router", "babysitters"):
             src.problem((key,), "unknown key (known keys here: babysitters, registry, router)")
@@ -84,7 +83,7 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path], check_files:
             problems[i] = replace(problems[i], message=f"babysitters = [...] must come before the first table: "
                                                        f"written after [{table}], TOML reads it as a key of [{table}]")
     babysitters: list[BabysitterConfig] = []
-    files = [str(path)]
+    files: list[str] = []
     if "babysitters" in data:
         entries = data["babysitters"]
         if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
@@ -110,7 +109,7 @@ def _load_one(path: Path, problems: list[Problem], seen: set[Path], check_files:
                 if b:
                     babysitters.append(b)
                     files.append(str(child))
-    return NodeConfig(registry=registry, router=router, babysitters=tuple(babysitters), files=tuple(files))
+    return NodeConfig(registry=registry, router=router, babysitters=tuple(babysitters)), files
 
 
 def in_file_order(problems: list[Problem]) -> list[Problem]:
@@ -129,9 +128,9 @@ def load_config_files(paths: Iterable[str | os.PathLike[str]], check_files: bool
     seen: set[Path] = set()
     registry = router = None
     babysitters: list[BabysitterConfig] = []
-    files: list[str] = []
+    files: list[str] = []   # the file of each babysitter
     for p in paths:
-        node = _load_one(Path(p), problems, seen, check_files)
+        node, node_files = _load_one(Path(p), problems, seen, check_files)
         if node.registry is not None:
             if registry is not None:
                 problems.append(Problem(str(p), None, "registry", "a second [registry]: one process hosts at most one"))
@@ -141,14 +140,15 @@ def load_config_files(paths: Iterable[str | os.PathLike[str]], check_files: bool
                 problems.append(Problem(str(p), None, "router", "a second [router]: one process hosts at most one"))
             router = node.router
         babysitters.extend(node.babysitters)
-        files.extend(node.files)
-    _check_collisions(registry, router, babysitters, problems)
+        files.extend(node_files)
+    _check_collisions(registry, router, babysitters, files, problems)
     if problems:
         raise ConfigError(in_file_order(problems))
-    return NodeConfig(registry=registry, router=router, babysitters=tuple(babysitters), files=tuple(files))
+    return NodeConfig(registry=registry, router=router, babysitters=tuple(babysitters))
 
 
-def _check_collisions(registry, router, babysitters, problems: list[Problem]) -> None:
+def _check_collisions(registry: RegistryConfig | None, router: RouterConfig | None,
+                      babysitters: list[BabysitterConfig], files: list[str], problems: list[Problem]) -> None:
     """Two roles of one process on one address and port, or two babysitters with one name."""
     taken: list[tuple[str, int, str]] = []
 
@@ -164,9 +164,9 @@ def _check_collisions(registry, router, babysitters, problems: list[Problem]) ->
     if router is not None:
         claim(router.bind, router.port, "the router", "[router]")
     names: set[str] = set()
-    for b in babysitters:
+    for b, file in zip(babysitters, files, strict=True):
         if b.service_name in names:
-            problems.append(Problem(b.config_dir, None, "name", f"two babysitters are named {b.service_name!r}"))
+            problems.append(Problem(file, None, "name", f"two babysitters are named {b.service_name!r}"))
         names.add(b.service_name)
         claim(b.bind, b.port, f"backend of {b.service_name}", b.service_name)
         claim(b.bind, b.api_port, f"babysitter {b.service_name}", b.service_name)

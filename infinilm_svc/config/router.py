@@ -34,6 +34,8 @@ class RouterConfig:
     health_interval: float = 5.0
     health_timeout: float = 1.0
     health_path: str = "/health"            # probed on each backend's own URL
+    health_max_rate: float = 50.0           # health checks started per second at most, over all backends
+    health_concurrency: int = 64            # health checks in flight at most
     unhealthy_threshold: int = 2
     healthy_threshold: int = 2
     eject_after_failures: int = 1           # passive: consecutive failures that open the circuit
@@ -60,6 +62,7 @@ class RouterConfig:
     cache_type_threshold: int = 51200       # bytes of message text above which "static" pools are used
     access_log: bool = True
     drain_timeout: float = 30.0             # on SIGTERM: how long in-flight requests and streams may finish
+    keepalive_drain: float = 2.0            # on SIGTERM: how long keep-alive clients get Connection: close before idle connections close
     reuse_port: bool = True                 # SO_REUSEPORT: a new router can bind the port while this one drains
 
     def check(self) -> list[tuple[str, str]]:
@@ -77,10 +80,10 @@ class RouterConfig:
                 out.append((f"model_policies.{model}", f"unknown policy {pol!r} (one of {', '.join(POLICIES)})"))
         for name in ("heartbeat_interval", "watch_wait", "health_interval", "health_timeout",
                      "eject_cooldown", "connect_timeout", "read_timeout", "upstream_idle_timeout", "drain_timeout", "queue_timeout",
-                     "session_load_factor", "cache_balance_ratio"):
+                     "session_load_factor", "cache_balance_ratio", "health_max_rate"):
             if (m := check_positive(getattr(self, name), name)):
                 out.append((name, m))
-        for name in ("unhealthy_threshold", "healthy_threshold", "eject_after_failures"):
+        for name in ("unhealthy_threshold", "healthy_threshold", "eject_after_failures", "health_concurrency"):
             if getattr(self, name) < 1:
                 out.append((name, f"{name} must be >= 1, got {getattr(self, name)}"))
         for name in ("cache_block_chars", "cache_max_chars", "cache_max_entries"):
@@ -92,6 +95,8 @@ class RouterConfig:
                      "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
+        if self.keepalive_drain < 0:
+            out.append(("keepalive_drain", f"keepalive_drain must be >= 0, got {self.keepalive_drain}"))
         if self.registry_reset_grace < 0:
             out.append(("registry_reset_grace", f"registry_reset_grace must be >= 0, got {self.registry_reset_grace}"))
         if self.session_load_factor < 1:

@@ -144,7 +144,7 @@ def _convert(tp: Any, value: Any, src: Source, path: tuple[str, ...]) -> Any:
         inner = (typing.get_args(tp) or (Any,))[0]
         out = []
         ok = True
-        for i, item in enumerate(value):
+        for item in value:
             v = _convert(inner, item, src, path)
             if v is _MISSING:
                 ok = False
@@ -164,7 +164,7 @@ def _convert(tp: Any, value: Any, src: Source, path: tuple[str, ...]) -> Any:
                 ok = False
             out[str(k)] = cv
         return types.MappingProxyType(out) if ok else _MISSING
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             src.problem(path, f"expected a table, got {_toml_type(value)}")
             return _MISSING
@@ -204,25 +204,21 @@ def load_table(cls: type, table: dict, src: Source, path: tuple[str, ...] = ()) 
     _MISSING if a required key is absent. A dataclass may define `check(self) -> list[(key, msg)]`.
     """
     hints = typing.get_type_hints(cls)
-    internal = set(getattr(cls, "INTERNAL_FIELDS", ()))
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in internal}
-    aliases = getattr(cls, "TOML_ALIASES", {})
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
     kwargs: dict[str, Any] = {}
     missing = False
     before = len(src.problems)
     for key, value in table.items():
-        name = aliases.get(key, key)
-        if name not in fields or name.startswith("_"):
-            known = ", ".join(sorted(k for k in list(fields) + list(aliases) if not k.startswith("_")))
-            src.problem(path + (key,), f"unknown key (known keys here: {known})")
+        if key not in fields:
+            src.problem(path + (key,), f"unknown key (known keys here: {', '.join(sorted(fields))})")
             continue
-        conv = _convert(hints[name], value, src, path + (key,))
+        conv = _convert(hints[key], value, src, path + (key,))
         if conv is not _MISSING:
-            kwargs[name] = conv
+            kwargs[key] = conv
     for name, f in fields.items():
         if name in kwargs:
             continue
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             if not any(p.key == ".".join(path + (name,)) for p in src.problems[before:]):
                 src.problem(path + (name,), f"required key is missing ({_type_name(hints[name])})")
             missing = True

@@ -103,9 +103,16 @@ async def list_services(request: web.Request) -> web.Response:
     healthy = None
     if "healthy" in q:
         healthy = q["healthy"].lower() == "true"
+    # The table's identity and index name its state: a watcher that already has it (If-None-Match)
+    # gets 304 and no body instead of the whole table again (megabytes, for a large fleet).
+    etag = f'W/"{request.app[STORE].epoch}:{table.index}:{q.get("status")}:{healthy}"'
+    if request.headers.get("If-None-Match") == etag:
+        return web.Response(status=304, headers={"X-Registry-Index": str(table.index), "ETag": etag})
     services = table.select(status=q.get("status"), healthy=healthy)
-    return _json({"services": services, "total": len(services), "index": table.index,
+    resp = _json({"services": services, "total": len(services), "index": table.index,
                   "timestamp": rfc3339()}, index=table.index)
+    resp.headers["ETag"] = etag
+    return resp
 
 
 async def register_service(request: web.Request) -> web.Response:
@@ -175,11 +182,11 @@ async def heartbeat(request: web.Request) -> web.Response:
             if metadata:
                 check_metadata_size({**rec["metadata"], **metadata}, cfg.max_metadata_bytes)
     table = request.app[TABLE]
-    rec = await request.app[STORE].heartbeat(name, status, metadata)
-    if rec is None:
+    held = await request.app[STORE].heartbeat(name, status, metadata)
+    if held is None:
         raise ApiError(404, f"Service '{name}' not found", code="service_not_found")
     return _json({"message": "Heartbeat received", "timestamp": rfc3339(), "heartbeat_ttl": cfg.heartbeat_ttl,
-                  "service": table.view(rec, table.clock())}, index=table.index)
+                  "service": table.view(held, table.clock())}, index=table.index)
 
 
 def _check_url(rec: dict) -> str:

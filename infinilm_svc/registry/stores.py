@@ -21,8 +21,10 @@ class Store(Protocol):
     """The write side of the registry. Reads go to `table`, which the store keeps current."""
 
     kind: str
-    table: ServiceTable
     epoch: str          # the table's identity: changes when a registry starts with a table it did not keep
+
+    @property
+    def table(self) -> ServiceTable: ...
 
     @property
     def stale(self) -> bool: ...

@@ -158,12 +158,13 @@ class ServiceTable:
         for r in records:
             if not isinstance(r, dict) or not isinstance(r.get("name"), str):
                 continue
+            name: str = r["name"]
             rec = {k: r.get(k) for k in RECORD_FIELDS}
             rec["last_heartbeat"] = now
             rec["metadata"] = dict(rec.get("metadata") or {})
             rec["health_status"] = rec.get("health_status") or "unknown"
-            self.records[rec["name"]] = rec
-            self._healthy[rec["name"]] = self.is_healthy(rec, now)
+            self.records[name] = rec
+            self._healthy[name] = self.is_healthy(rec, now)
             n += 1
         if n:
             self._bump()

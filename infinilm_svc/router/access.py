@@ -47,7 +47,7 @@ class AccessLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         proto = self.proto
-        start = logging._startTime  # what LogRecord measures relativeCreated from
+        start = logging._startTime  # type: ignore[attr-defined]  # private (no stub): relativeCreated's origin
         records = []
         for created, rid, model, backend, status, latency, ttfb, nbytes, migrations in pending:
             record = logging.LogRecord.__new__(logging.LogRecord)
@@ -69,12 +69,14 @@ class AccessLog:
         for h in handlers:
             lines = [h.format(r) for r in records if r.levelno >= h.level and h.filter(r)]
             if lines:
-                with h.lock:
-                    try:
-                        h.stream.write(h.terminator.join(lines) + h.terminator)
-                        h.flush()
-                    except Exception:  # as logging.Handler.emit does: report and carry on
-                        h.handleError(records[0])
+                h.acquire()
+                try:
+                    h.stream.write(h.terminator.join(lines) + h.terminator)
+                    h.flush()
+                except Exception:  # noqa: BLE001 - as logging.Handler.emit does: report and carry on
+                    h.handleError(records[0])
+                finally:
+                    h.release()
 
 
 def stream_handlers(logger: logging.Logger) -> list[logging.StreamHandler] | None:
@@ -89,5 +91,5 @@ def stream_handlers(logger: logging.Logger) -> list[logging.StreamHandler] | Non
             if type(h) is not logging.StreamHandler:
                 return None
             out.append(h)
-        c = c.parent if c.propagate else None  # type: ignore[assignment]
+        c = c.parent if c.propagate else None
     return out or None

@@ -8,23 +8,23 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..client.registry import RegistryClient
-from ..config.router import RouterConfig
 from ..auth import KeyRing
 from ..background import TaskSupervisor
+from ..client.registry import RegistryClient
+from ..config.router import RouterConfig
 from ..errors import ApiError
-from ..wire import json_response
-from ..runtime import REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
+from ..looplag import LoopLag
+from ..runtime import KEEPALIVE_DRAIN, REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
+from ..wire import dumps, json_response
 from .balancer import make_policy
-from .frontdoor import FrontDoor
 from .discovery import Discovery, deregister, keep_registered, router_record
+from .frontdoor import FrontDoor
 from .health import Health
-from .proxy import Proxy
-from .stats import make_registry
-from .table import Table
+from .metrics import CONTENT_TYPE, SLICE, Exposition
 from .pool import Pool
+from .proxy import Proxy
+from .table import Backend, Table
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ DISCOVERY = web.AppKey("router_discovery", Discovery)
 PROXY = web.AppKey("router_proxy", Proxy)
 SESSION = web.AppKey("router_session", aiohttp.ClientSession)
 TASKS = web.AppKey("router_tasks", TaskSupervisor)
+LAG = web.AppKey("router_loop_lag", LoopLag)
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -56,7 +57,26 @@ def admin_only(config: RouterConfig, handler: Handler) -> Handler:
     return checked
 
 
-def local_endpoints(table: Table, proxy: Proxy, tasks: TaskSupervisor) -> dict[str, Handler]:
+async def stream_json(request: web.BaseRequest, head: dict, key: str, items: list, to_json: Callable,
+                      tail: dict | None = None) -> web.StreamResponse:
+    """A JSON object whose `key` holds a long list, written SLICE items at a time with the event
+    loop free in between (a table of 10,000 backends in one go would hold it for a good while)."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    opening = dumps(head)
+    with contextlib.suppress(ConnectionResetError):   # the client left: nothing to finish
+        await resp.write(f'{opening[:-1]}{"," if head else ""}"{key}":['.encode())
+        for i in range(0, len(items), SLICE):
+            part = ",".join(dumps(to_json(x)) for x in items[i:i + SLICE])
+            await resp.write(("," + part if i else part).encode())
+            await asyncio.sleep(0)
+        closing = dumps(tail or {})
+        await resp.write(f"]{',' + closing[1:] if tail else '}'}".encode())
+        await resp.write_eof()
+    return resp
+
+
+def local_endpoints(table: Table, proxy: Proxy, tasks: TaskSupervisor, lag: LoopLag) -> dict[str, Handler]:
     """The router's own GET endpoints, by path (everything else is proxied)."""
 
     async def health(request: web.BaseRequest) -> web.Response:
@@ -64,6 +84,7 @@ def local_endpoints(table: Table, proxy: Proxy, tasks: TaskSupervisor) -> dict[s
         "degraded" while one of the router's own loops is waiting to be restarted."""
         body = table.health_json()
         body["tasks"] = tasks.report()
+        body["event_loop_lag"] = lag.to_json()
         if tasks.degraded:
             body["status"] = "degraded"
         return json_response(body)
@@ -76,18 +97,20 @@ def local_endpoints(table: Table, proxy: Proxy, tasks: TaskSupervisor) -> dict[s
         proxy.check_key(request)
         return web.Response(body=table.models_body, content_type="application/json")
 
-    async def services(request: web.BaseRequest) -> web.Response:
-        out = [b.to_json() for b in table.backends.values()]
-        return json_response({"services": out, "total": len(out), "registry_url": table.registry_url})
+    async def services(request: web.BaseRequest) -> web.StreamResponse:
+        listed = list(table.backends.values())
+        return await stream_json(request, {}, "services", listed, Backend.to_json,
+                                 {"total": len(listed), "registry_url": table.registry_url})
 
-    async def stats(request: web.BaseRequest) -> web.Response:
-        out = [b.to_json() for b in table.backends.values()]
-        return json_response({
-            "total_services": len(out),
+    async def stats(request: web.BaseRequest) -> web.StreamResponse:
+        listed = list(table.backends.values())
+        return await stream_json(request, {
+            "total_services": len(listed),
             "healthy_services": table.routable_count,
             "registry_url": table.registry_url,
             "registry_reachable": table.registry_ok,
-            "services": out,
+            "event_loop_lag": lag.to_json(),
+        }, "services", listed, Backend.to_json, {
             "models": {m or "(none)": c.to_json() for m, c in table.model_stats.items() if m or c.request_count},
         })
 
@@ -146,7 +169,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         reg = app[REGISTRATION]
         reg.registry, reg.name = registry, record["name"]
         reg.task = tasks.spawn("registration", lambda: keep_registered(registry, record, config.heartbeat_interval)).task
-    tasks.spawn("health-checks", lambda: app[HEALTH].run(session))
+    tasks.spawn("health-checks", lambda: app[HEALTH].run(pool))
+    tasks.spawn("loop-lag", app[LAG].run)
     try:
         yield
     finally:
@@ -156,8 +180,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             app[HEALTH].forget(b)
         pool.close()
         await session.close()
-        if app[PROXY].access is not None:
-            app[PROXY].access.flush()  # lines of the last loop turn
+        if (access := app[PROXY].access) is not None:
+            access.flush()  # lines of the last loop turn
 
 
 def create_app(config: RouterConfig) -> web.Application:
@@ -183,16 +207,23 @@ def create_app(config: RouterConfig) -> web.Application:
     app[HEALTH] = health
     app[DISCOVERY] = Discovery(config, table, health)
     app[PROXY] = proxy
-    metrics_registry = make_registry(table)
+    lag = app[LAG] = LoopLag()
+    exposition = Exposition(table, health, lag)
 
-    async def metrics(request: web.BaseRequest) -> web.Response:
-        return web.Response(body=generate_latest(metrics_registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):   # the scraper left: nothing to finish
+            async for chunk in exposition.chunks():
+                await resp.write(chunk)
+            await resp.write_eof()
+        return resp
 
     table.rebuild()
     app.cleanup_ctx.append(_lifecycle)
     door = FrontDoor(proxy, table, config.max_body)
     tasks = app[TASKS] = TaskSupervisor("router")
-    local = local_endpoints(table, proxy, tasks)
+    local = local_endpoints(table, proxy, tasks, lag)
     for path in ("/services", "/stats"):
         local[path] = admin_only(config, local[path])
     local["/metrics"] = metrics if config.public_metrics else admin_only(config, metrics)
@@ -205,4 +236,5 @@ def create_app(config: RouterConfig) -> web.Application:
     app.on_shutdown.append(_withdraw)
     app[SHUTDOWN_TIMEOUT] = config.drain_timeout
     app[REUSE_PORT] = config.reuse_port
+    app[KEEPALIVE_DRAIN] = config.keepalive_drain
     return app

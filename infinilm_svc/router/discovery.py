@@ -98,10 +98,23 @@ class Discovery:
         A record this router cannot use is skipped with one warning (again only if the reason
         changes) and the rest are applied: one bad record must not stop discovery.
         """
+        merge = _Merge()
+        self._merge(records, static, merge)
+        self._finish(static, merge)
+
+    async def apply_in_slices(self, records: list[dict]) -> None:
+        """`apply` for the registry's whole table, SLICE records at a time with the event loop free
+        in between: 10,000 records applied in one go would hold it for a good while."""
+        merge = _Merge()
+        for i in range(0, len(records), SLICE):
+            if i:
+                await asyncio.sleep(0)
+            self._merge(records[i:i + SLICE], False, merge)
+        self._finish(False, merge)
+
+    def _merge(self, records: list[dict], static: bool, merge: "_Merge") -> None:
         t = self.table
-        seen = set()
-        changed = False
-        skipped: dict[str, str] = {}
+        seen, skipped = merge.seen, merge.skipped
         for rec in records:
             meta = rec.get("metadata") if isinstance(rec, dict) else None
             if not isinstance(meta, dict) or meta.get("type") != "openai-api":
@@ -124,10 +137,15 @@ class Discovery:
             seen.add(name)
             if name not in t.backends:
                 t.backends[name] = b
-                changed = True
+                self.health.track(b)
+                merge.changed = True
                 log.info("backend %s: added (%s)", name, b.url)
             elif _routing_view(b) != before or reborn:
-                changed = True
+                merge.changed = True
+
+    def _finish(self, static: bool, merge: "_Merge") -> None:
+        t = self.table
+        seen, skipped, changed = merge.seen, merge.skipped, merge.changed
         if not static:
             self.skipped = skipped
             missing = [n for n, b in t.backends.items() if not b.static and n not in seen]
@@ -201,11 +219,12 @@ class Discovery:
         """Follow the registry with blocking queries; on failure keep the last table and retry."""
         t = self.table
         index = 0
+        etag: str | None = None
         delay = 0.2
         while True:
             try:
-                records, new_index = await client.services(
-                    index=index, wait=self.config.watch_wait if index else None)
+                records, new_index, etag = await client.watch_services(
+                    index, self.config.watch_wait if index else None, etag if index else None)
             except asyncio.CancelledError:
                 raise
             except (RegistryUnavailable, RegistryRejected, ValueError) as exc:
@@ -233,7 +252,8 @@ class Discovery:
                 self._start_grace()
             index = new_index if new_index >= index and new_index > 0 else 0
             t.registry_index = new_index
-            self.apply(records)
+            if records is not None:    # None: the table is as we have it
+                await self.apply_in_slices(records)
             if index == 0:
                 await asyncio.sleep(min(1.0, self.config.watch_wait))
 
@@ -244,6 +264,18 @@ class Discovery:
 
 
 WILDCARD = ("", "0.0.0.0", "::", "[::]")
+SLICE = 250   # registry records applied between two yields to the event loop
+
+
+class _Merge:
+    """What one pass over the registry's records found (see Discovery.apply)."""
+
+    __slots__ = ("seen", "skipped", "changed")
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.skipped: dict[str, str] = {}
+        self.changed = False
 
 
 def router_record(config: RouterConfig) -> dict[str, Any]:

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
+import random
 import time
-
-import aiohttp
 
 from ..config.router import RouterConfig
 from .failures import BackendHung
+from .pool import Pool
 from .table import CLOSED, HALF_OPEN, OPEN, Backend, Table
 
 log = logging.getLogger(__name__)
+_timeout = getattr(asyncio, "timeout", None)
 
 
 class Health:
@@ -20,10 +23,14 @@ class Health:
     def __init__(self, config: RouterConfig, table: Table) -> None:
         self.config = config
         self.table = table
-        self.timeout = aiohttp.ClientTimeout(total=config.health_timeout)
-        self.session: aiohttp.ClientSession | None = None
+        self.path = config.health_path.encode()
+        self.pool: Pool | None = None
         self.probes: set[asyncio.Task] = set()
-        self.limit = asyncio.Semaphore(64)      # probes in flight at once
+        self.running = 0                         # probes in flight
+        self.due: list[tuple[float, int, Backend]] = []   # heap of (loop time, tie-break, backend)
+        self.seq = itertools.count()
+        self.behind = 0.0                        # how late the last scheduled check started (s)
+        self.checks = [0, 0]                     # failed, passed
 
     # -- passive: the circuit breaker -------------------------------------------------------
     def record_success(self, b: Backend) -> None:
@@ -53,8 +60,7 @@ class Health:
     def _open(self, b: Backend) -> None:
         b.circuit = OPEN
         b.trial = False
-        b.opened_at = time.monotonic()
-        b.reopen_at = b.opened_at + self.config.eject_cooldown
+        b.reopen_at = time.monotonic() + self.config.eject_cooldown
         if b.reopen is not None:
             b.reopen.cancel()
         b.reopen = asyncio.get_running_loop().call_later(self.config.eject_cooldown, self._half_open, b)
@@ -82,55 +88,93 @@ class Health:
         b.active_ok = True
         b.fail_streak = 0
         b.ok_streak = 0
+        self._schedule(b, min(0.25, self.config.health_interval))
 
     # -- active: /health with thresholds ----------------------------------------------------
-    async def run(self, session: aiohttp.ClientSession) -> None:
-        """Check every backend each `health_interval`, and sooner where a hang is suspected, forever.
+    def track(self, b: Backend) -> None:
+        """Schedule the first check of a backend just added at a random point of the interval, so
+        a fleet that registers at once is not checked all at once."""
+        self._schedule(b, random.uniform(0.0, self.config.health_interval))
 
-        Each backend's probe is applied as soon as it is answered (one hung backend never holds up
-        the verdict on the others). A failed probe is confirmed by another 0.25 s later rather than
-        a whole interval later, and a backend holding requests that have had no byte back for
-        longer than `health_timeout` is probed at once: a hung backend (accepting, never answering)
-        is out of rotation about `unhealthy_threshold` probe timeouts after it was first suspected.
+    def _schedule(self, b: Backend, delay: float) -> None:
+        """(Re)schedule `b`'s next check; an earlier entry for it in the heap becomes stale."""
+        b.check_due = asyncio.get_running_loop().time() + delay
+        heapq.heappush(self.due, (b.check_due, next(self.seq), b))
+
+    async def run(self, pool: Pool) -> None:
+        """Check each backend once per `health_interval`, at its own phase, forever.
+
+        The checks are spread over the interval, at most `health_concurrency` run at once and at
+        most `health_max_rate` start per second: with more backends than that rate allows per
+        interval, each is checked less often (`effective_interval`) instead of the router spending
+        its CPU on checks. A failed check is confirmed by another 0.25 s later, and a backend that
+        failed its checks is re-checked every second, within the same budget. Out of budget: a
+        backend holding requests that have had no byte back for longer than `health_timeout` is
+        probed at once, so a hung backend (accepting, never answering) is out of rotation about
+        `unhealthy_threshold` probe timeouts after it was first suspected.
         """
-        self.session = session
+        self.pool = pool
         loop = asyncio.get_running_loop()
-        next_pass = loop.time()
-        tick = min(0.25, self.config.health_interval)
+        for b in self.table.backends.values():
+            if not b.check_due:
+                self.track(b)
+        rate = self.config.health_max_rate
+        burst = max(1.0, rate / 10)
+        tokens, last, next_scan = burst, loop.time(), 0.0
         try:
             while True:
                 now = loop.time()
-                if now >= next_pass:
-                    next_pass = now + self.config.health_interval
-                    for b in list(self.table.backends.values()):
-                        self.probe_soon(b)
-                else:
+                tokens = min(burst, tokens + (now - last) * rate)
+                last = now
+                if now >= next_scan:
+                    next_scan = now + 0.25
                     self._probe_suspects(now)
-                await asyncio.sleep(min(tick, max(0.0, next_pass - now)) or tick)
+                due = self.due
+                while due and due[0][0] <= now and tokens >= 1 and self.running < self.config.health_concurrency:
+                    at, _, b = heapq.heappop(due)
+                    if at != b.check_due or self.table.backends.get(b.name) is not b:
+                        continue   # rescheduled since, or removed
+                    self.behind = now - at
+                    if b.probing:
+                        self._schedule(b, self.config.health_interval)
+                        continue
+                    if not self.probe_soon(b):
+                        self._schedule(b, self.config.health_interval)   # not running: nothing to check
+                        continue
+                    tokens -= 1
+                if due and due[0][0] <= now:
+                    wait = (1 - tokens) / rate if tokens < 1 else 0.01   # out of budget or of slots
+                else:
+                    wait = (due[0][0] - now) if due else 0.25
+                await asyncio.sleep(min(max(wait, 0.002), next_scan - now, 0.25))
         finally:
             for task in list(self.probes):
                 task.cancel()
 
-    def probe_soon(self, b: Backend) -> None:
+    @property
+    def effective_interval(self) -> float:
+        """How often each backend is checked given the rate budget (seconds)."""
+        n = len(self.table.backends)
+        return max(self.config.health_interval, n / self.config.health_max_rate)
+
+    def probe_soon(self, b: Backend) -> bool:
         """Start a probe of `b` unless one is running, or the registry says it is not running (it is
         not routable then anyway, and a backend still starting would collect failed checks)."""
-        if b.probing or self.session is None or (b.state != "running" and not b.static):
-            return
+        if b.probing or self.pool is None or (b.state != "running" and not b.static):
+            return False
         b.probing = True
+        self.running += 1
         task = asyncio.create_task(self._check(b), name=f"probe-{b.name}")
         self.probes.add(task)
         task.add_done_callback(self.probes.discard)
+        return True
 
     def _probe_suspects(self, now: float) -> None:
-        """Out-of-turn probes: a backend that failed its checks is re-checked every second (it comes
-        back as soon as it answers again, not an interval later), and one holding requests with no
-        byte back for longer than health_timeout is checked at once."""
+        """Out-of-turn probes: a backend holding requests with no byte back for longer than
+        health_timeout is checked at once."""
         limit = self.config.health_timeout
         for b in self.table.backends.values():
-            if not b.active_ok and not b.probing and now - b.suspect_probe > min(1.0, self.config.health_interval):
-                b.suspect_probe = now
-                self.probe_soon(b)
-            elif b.pending and b.active_ok and not b.probing and now - b.suspect_probe > limit:
+            if b.pending and b.active_ok and not b.probing and now - b.suspect_probe > limit:
                 oldest = min(r.sent_at for r in b.pending)
                 if now - oldest > limit:
                     b.suspect_probe = now
@@ -138,16 +182,21 @@ class Health:
 
     async def _check(self, b: Backend) -> None:
         try:
-            async with self.limit:
-                ok, elapsed = await self._probe(b)
+            ok, elapsed = await self._probe(b)
         finally:
             b.probing = False
+            self.running -= 1
+        self.checks[ok] += 1
         if self.table.backends.get(b.name) is not b:
             return  # removed meanwhile
         self._apply(b, ok, elapsed)
-        if not ok and b.active_ok:
-            await asyncio.sleep(min(0.25, self.config.health_interval))
-            self.probe_soon(b)
+        if ok:
+            delay = self.config.health_interval
+        elif b.active_ok:
+            delay = min(0.25, self.config.health_interval)    # confirm a first failure soon
+        else:
+            delay = min(1.0, self.config.health_interval)     # back as soon as it answers again
+        self._schedule(b, delay)
 
     def _apply(self, b: Backend, ok: bool, elapsed: float) -> None:
         b.last_check = time.time()
@@ -177,13 +226,62 @@ class Health:
         b.pending.clear()
 
     async def _probe(self, b: Backend) -> tuple[bool, float]:
-        assert self.session is not None
+        """GET the health path on a connection of its own, closed once the status line is in: a
+        check holds no pooled connection (thousands of backends would hold thousands of sockets)
+        and costs a fraction of a client library's request."""
+        pool = self.pool
+        assert pool is not None
+        loop = asyncio.get_running_loop()
+        key = pool.target(b.url)
         t0 = time.monotonic()
+        got: asyncio.Future[int] = loop.create_future()
+        opened: list[asyncio.BaseTransport] = []
+
+        async def ask() -> int:
+            transport, _ = await loop.create_connection(lambda: _StatusLine(got), key.host, key.port,
+                                                        ssl=pool.ssl_context() if key.tls else None)
+            opened.append(transport)
+            transport.write(b"".join((b"GET ", key.base_path, self.path, b" HTTP/1.1\r\n", key.host_header,
+                                      b"Connection: close\r\n", b.auth_lines, b"\r\n")))
+            return await got
+
         try:
-            async with self.session.get(b.url + self.config.health_path, timeout=self.timeout,
-                                        headers=b.auth_headers) as resp:
-                await resp.read()
-                # A backend without a health endpoint (404) is alive; 5xx is not.
-                return resp.status < 500, time.monotonic() - t0
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            if _timeout is not None:     # Python 3.11+: no task of its own per check
+                async with _timeout(self.config.health_timeout):
+                    status = await ask()
+            else:
+                status = await asyncio.wait_for(ask(), self.config.health_timeout)
+            # A backend without a health endpoint (404) is alive; 5xx is not.
+            return status < 500, time.monotonic() - t0
+        except (OSError, asyncio.TimeoutError, ValueError):
             return False, time.monotonic() - t0
+        finally:
+            for transport in opened:
+                transport.close()
+
+
+class _StatusLine(asyncio.Protocol):
+    """Reads an HTTP answer's status code and nothing more."""
+
+    def __init__(self, got: asyncio.Future[int]) -> None:
+        self.got = got
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.got.done():
+            return
+        self.buf += data
+        line, sep, _ = self.buf.partition(b"\r\n")
+        if not sep:
+            if len(self.buf) > 4096:
+                self.got.set_exception(ValueError("no status line in the first 4 KiB"))
+            return
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            self.got.set_exception(ValueError(f"not an HTTP status line: {line[:80]!r}"))
+        else:
+            self.got.set_result(int(parts[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.got.done():
+            self.got.set_exception(ConnectionResetError("closed before a status line"))

@@ -90,12 +90,14 @@ class Pool:
         if self.idle:
             self._reaper = self.loop.call_later(self.keepalive / 2, self._reap)
 
+    def ssl_context(self) -> ssl_module.SSLContext:
+        """The TLS context for https backends (made once, on first use)."""
+        if self._ssl is None:
+            self._ssl = ssl_module.create_default_context()
+        return self._ssl
+
     async def _connect(self, key: Target) -> Connection:
-        ssl_ctx = None
-        if key.tls:
-            if self._ssl is None:
-                self._ssl = ssl_module.create_default_context()
-            ssl_ctx = self._ssl
+        ssl_ctx = self.ssl_context() if key.tls else None
         loop = self.loop
         try:
             _, conn = await asyncio.wait_for(

@@ -10,15 +10,23 @@ from itertools import count
 from typing import Any, NamedTuple
 
 from aiohttp import web
+from aiohttp.http import StreamWriter
 
-from ..config.router import RouterConfig
 from ..auth import KeyRing
+from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from ..wire import dumps
 from .access import AccessLog
 from .balancer import Route, content_texts
-from .failures import (BackendHung, ConnectError, ConnectionBroken, ProtocolError, ReadTimeout, StreamErrorEvent,
-                       TransportError)
+from .failures import (
+    BackendHung,
+    ConnectError,
+    ConnectionBroken,
+    ProtocolError,
+    ReadTimeout,
+    StreamErrorEvent,
+    TransportError,
+)
 from .health import Health
 from .migration import Transcript, continuation, migratable
 from .pool import Pool
@@ -376,6 +384,8 @@ class Proxy:
             transport = request.transport
             if writer is None or transport is None:
                 raise ClientGone()
+            if not isinstance(writer, StreamWriter):  # the relay frames the body itself: it needs `chunked`
+                raise TypeError(f"cannot relay a stream through {type(writer).__name__}")
             relay = StreamRelay(transport, writer.chunked, writer, ex, loop, (b.stats, mstats), transcript)
             while True:
                 try:

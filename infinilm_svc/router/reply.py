@@ -9,7 +9,7 @@ from .failures import TransportError
 
 if TYPE_CHECKING:
     from .connection import Connection
-    from .pool import Pool
+    from .pool import Pool, Target
 
 _HIGH_WATER = 1 << 20     # stream bytes buffered before a relay is attached: then reading pauses
 
@@ -25,7 +25,7 @@ class Reply:
                  "until_close", "head_done", "complete", "interim", "error", "parts", "buffered",
                  "waiter", "sink", "blocked", "got_bytes", "head_only", "released", "pending", "sent_at")
 
-    def __init__(self, conn: "Connection", pool: "Pool", key: tuple, head_only: bool,
+    def __init__(self, conn: "Connection", pool: "Pool", key: "Target", head_only: bool,
                  pending: set | None = None) -> None:
         self.conn = conn
         self.pool = pool

@@ -6,8 +6,8 @@ import time
 from typing import Any, Callable, Sequence
 
 from ..client.registry import registry_urls
-from .stats import Counters
 from ..wire import dumps
+from .stats import Counters
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -18,8 +18,8 @@ class Backend:
     __slots__ = ("name", "host", "port", "url", "babysitter_url", "models", "models_list", "metadata",
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
-                 "opened_at", "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
-                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe")
+                 "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
+                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe", "check_due")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -42,7 +42,6 @@ class Backend:
         self.response_time: float | None = None
         self.circuit = CLOSED            # passive checks: the circuit breaker
         self.circuit_failures = 0
-        self.opened_at = 0.0
         self.trial = False               # a half-open trial request is in flight
         self.routable = True
         self.stats = Counters()
@@ -51,6 +50,7 @@ class Backend:
         self.pending: set = set()        # replies sent here that have had no byte back yet
         self.probing = False             # an active check is in flight
         self.suspect_probe = 0.0         # loop time of the last probe made because requests waited
+        self.check_due = 0.0             # loop time of the next scheduled active check (0: none yet)
         self.waiters: list[asyncio.Future] = []
         self.reopen: asyncio.TimerHandle | None = None
         self.reopen_at = 0.0             # monotonic time the open circuit goes half-open
@@ -117,10 +117,6 @@ class Table:
         self.registry_error: str | None = None
         self.registry_synced_at: float | None = None
         self.registry_index = 0
-        self.version = 0
-
-    def group(self, model: str, pool: str | None = None) -> Group | None:
-        return self.groups.get((model, pool))
 
     def rebuild(self) -> None:
         """Recompute routability, candidate lists and the aggregated model list (on changes only)."""
@@ -174,7 +170,6 @@ class Table:
             obj.setdefault("object", "model")
         self.models_body = dumps({"object": "list", "data": data}).encode()
         self.model_bodies = {obj["id"]: dumps(obj).encode() for obj in data}
-        self.version += 1
 
     def _group(self, model: str, pool: str | None) -> Group:
         g = self.groups.get((model, pool))

@@ -2,8 +2,18 @@
 from __future__ import annotations
 
 from .checks import fair_share, run_checks
-from .cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError, build_parser, format_row, main, options_from_args, \
-    parse_services, summary_line
+from .cli import (
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    build_parser,
+    format_row,
+    main,
+    options_from_args,
+    parse_services,
+    summary_line,
+)
 from .options import DEMO_SERVICES, CheckResult, ExpectedService, ValidateOptions
 
 __all__ = ["CheckResult", "DEMO_SERVICES", "EXIT_FAIL", "EXIT_OK", "EXIT_USAGE", "ExpectedService", "UsageError",

@@ -16,8 +16,17 @@ import aiohttp
 
 from ..client.babysitter import BabysitterClient, BabysitterError
 from ..client.registry import registry_urls
-from .deployment import (Run, chat, engine_tokens, error_message, find_router, metadata_of, refresh_records,
-                         request_json, shorten)
+from .deployment import (
+    Run,
+    chat,
+    engine_tokens,
+    error_message,
+    find_router,
+    metadata_of,
+    refresh_records,
+    request_json,
+    shorten,
+)
 from .options import CheckResult, ExpectedService, ValidateOptions
 
 
@@ -212,7 +221,7 @@ async def check_chat(run: Run, stream: bool) -> CheckResult:
         if ans.error:
             bad.append(f"{model}: {ans.error}")
         elif ans.served_by not in serving:
-            bad.append(f"{model}: answered by {ans.served_by.lstrip('?')}, which does not serve it "
+            bad.append(f"{model}: answered by {(ans.served_by or '-').lstrip('?')}, which does not serve it "
                        f"(expected one of {', '.join(serving) or 'none'})")
         else:
             good.append(f"{model} -> {ans.served_by}")
@@ -295,7 +304,7 @@ async def check_logs(run: Run) -> CheckResult:
     traced = [a for a in run.answers if a.error is None and a.served_by and not a.served_by.startswith("?")]
     if not traced:
         return CheckResult(8, name, False, "no request was answered by a known backend, nothing to trace")
-    backends = sorted(set(backends) | {a.served_by for a in traced})
+    backends = sorted(set(backends) | {a.served_by for a in traced if a.served_by is not None})
     # A backend's stdout reaches its babysitter's log through a pipe, a moment after the answer:
     # read again (up to log_wait) while some request is not yet in the log of its backend.
     deadline = asyncio.get_running_loop().time() + run.options.log_wait
@@ -340,12 +349,13 @@ async def check_logs(run: Run) -> CheckResult:
         wrong = []
         for b, n in sorted(want.items()):
             after, err = await engine_tokens(run, b)
-            if (before.get(b) is None or after is None) and n == 0 and not by_counter[b]:
+            start = before.get(b)
+            if (start is None or after is None) and n == 0 and not by_counter[b]:
                 continue   # it served none of them and keeps no counters: nothing to account for
-            if before.get(b) is None or after is None:
+            if start is None or after is None:
                 wrong.append(f"{b} logs no request ids and its engine counters cannot be read: {err}")
-            elif after - before[b] != n:
-                wrong.append(f"{b}'s engine generated {after - before[b]:g} tokens during this check, but the "
+            elif after - start != n:
+                wrong.append(f"{b}'s engine generated {after - start:g} tokens during this check, but the "
                              f"answers the router attributed to it (X-InfiniLM-Backend) carry {n}")
         if not wrong or asyncio.get_running_loop().time() >= deadline:
             problems += wrong
@@ -508,7 +518,7 @@ async def _wait_discovery(run: Run) -> None:
 
 async def pick_registry(session: aiohttp.ClientSession, urls: list[str]) -> tuple[str, list[str]]:
     """The first of several registries that answers /health, and a note per one that did not."""
-    notes = []
+    notes: list[str] = []
     for url in urls:
         try:
             async with session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=3, sock_connect=0.5)) as resp:
