@@ -124,10 +124,15 @@ case "${1:-build}" in
         build_engine
         export INFINILM_ENGINE_REQUIRED=1
         # The whole suite runs on uvloop (what every role uses where it can) and on asyncio's own loop.
+        # Test modules run in parallel (pytest-xdist; INFINILM_TEST_WORKERS, or -n 0 to run in one
+        # process): most of the suite waits on sockets and processes, not on the CPU. The slowest
+        # tests are listed at the end, so one that got slower is seen. Modules start in the order the
+        # tests/conftest.py hook puts them: the heavy ones first.
         status=0
         for loop in ${INFINILM_TEST_LOOPS:-uvloop asyncio}; do
             echo "build.sh: running tests on the $loop event loop"
-            INFINILM_LOOP=$loop "$VENV/bin/python" -m pytest -p no:cacheprovider "$@" || status=$?
+            INFINILM_LOOP=$loop "$VENV/bin/python" -m pytest -p no:cacheprovider \
+                -n "${INFINILM_TEST_WORKERS:-4}" --dist loadgroup --no-loadscope-reorder --durations=15 "$@" || status=$?
         done
         exit $status ;;
     lint)

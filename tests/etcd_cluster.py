@@ -9,7 +9,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, wait_for
+from harness import free_port, wait_for
 
 
 def etcd_binary() -> str:

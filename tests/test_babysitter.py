@@ -13,54 +13,35 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for, write_toml
 
 PY = sys.executable
 FAST = {"restart_delay": 0.05, "backoff_max": 0.2, "heartbeat_interval": 0.3, "health_interval": 0.2,
         "health_timeout": 0.5, "startsecs": 30, "stop_timeout": 3}
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
 def write_babysitter(tmp_path: Path, name: str, port: int, backend: dict, registry: int | None = None,
                      policy: dict | None = None, top: dict | None = None, env: dict | None = None,
                      metadata: dict | None = None, base: dict | None = None) -> Path:
     """A babysitter file; the `[babysitter]` table is `base` (default: the fast FAST timings) plus `policy`."""
-    lines = [f'name = "{name}"', 'host = "127.0.0.1"', 'bind = "127.0.0.1"', f"port = {port}"]
+    data: dict = {"name": name, "host": "127.0.0.1", "bind": "127.0.0.1", "port": port}
     if registry:
-        lines.append(f'registry_url = "http://127.0.0.1:{registry}"')
-    for k, v in (top or {}).items():
-        lines.append(f"{k} = {toml_value(v)}")
-    lines.append("[babysitter]")
-    for k, v in {**(FAST if base is None else base), **(policy or {})}.items():
-        lines.append(f"{k} = {toml_value(v)}")
-    lines.append("[backend]")
-    for k, v in backend.items():
-        lines.append(f"{k} = {toml_value(v)}")
+        data["registry_url"] = f"http://127.0.0.1:{registry}"
+    data.update(top or {})
+    data["babysitter"] = {**(FAST if base is None else base), **(policy or {})}
+    data["backend"] = dict(backend)
     if env:
-        lines.append("[backend.env]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in env.items()]
+        data["backend"]["env"] = env
     if metadata:
-        lines.append("[metadata]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in metadata.items()]
-    path = tmp_path / f"{name}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        data["metadata"] = metadata
+    return write_toml(tmp_path / f"{name}.toml", data)
 
 
 def start_registry(procs, tmp_path: Path, port: int | None = None, token: str | None = None):
     port = port or free_port()
-    cfg = tmp_path / f"registry-{port}.toml"
-    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nheartbeat_ttl = 2\nexpire_after = 10\n'
-                   f'sweep_interval = 0.1\nprobe_interval = 0\n' + (f'token = "{token}"\n' if token else ""))
+    cfg = write_toml(tmp_path / f"registry-{port}.toml", {"registry": {
+        "bind": "127.0.0.1", "port": port, "heartbeat_ttl": 2, "expire_after": 10, "sweep_interval": 0.1,
+        "probe_interval": 0, **({"token": token} if token else {})}})
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name="registry")
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200, what="registry up")
     return proc, port

@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port, http_get_json, http_json, wait_for
+from harness import ROOT, free_port, http_get_json, http_json, wait_for, write_toml
 
 pytestmark = pytest.mark.e2e
 
 
 def _registry(procs, tmp_path) -> int:
     port = free_port()
-    cfg = tmp_path / "registry.toml"
-    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nsweep_interval = 0.1\nprobe_interval = 0\n')
+    cfg = write_toml(tmp_path / "registry.toml", {"registry": {
+        "bind": "127.0.0.1", "port": port, "sweep_interval": 0.1, "probe_interval": 0}})
     procs.pyz("--config", str(cfg), name="registry")
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200, what="registry up")
     return port

@@ -6,8 +6,9 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
-from conftest import free_port, http_get_json, wait_for
+from harness import free_port, http_get_json, wait_for
 from test_babysitter import MOCK, alive, record, start_babysitter, start_registry, status, write_babysitter
 
 # The default liveness timings; only what does not decide how fast a hang is seen is shortened.
@@ -151,7 +152,10 @@ def test_a_port_held_by_someone_else_is_named_not_retried_blindly(procs, tmp_pat
         start_babysitter(procs, cfg)
         st = wait_for(lambda: (s := status(port))["last_exit_reason"] and s, what="a failed start")
         assert f"port {port} is held by pid {os.getpid()}" in st["last_exit_reason"]
-        assert "pytest" in st["last_exit_reason"] and st["state"] != "running"
+        # Named by its command line: this test process's (pytest's, or an xdist worker's).
+        argv = Path("/proc/self/cmdline").read_bytes().decode().split("\0")
+        assert f"({argv[0]} {argv[1]} " in st["last_exit_reason"], st["last_exit_reason"]
+        assert st["state"] != "running"
     finally:
         squatter.close()
     wait_for(lambda: status(port)["state"] == "running", timeout=20, what="running once the port is free")

@@ -3,7 +3,7 @@ record is taken back, a heartbeat too slow for the registry's TTL is reported, t
 is case-insensitive, and /logs stays bounded and behind the token."""
 from __future__ import annotations
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for
 from test_babysitter import MOCK, PY, SERVE_MODELS, record, start_babysitter, start_registry, status, write_babysitter
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from conftest import async_wait_for
+from harness import async_wait_for
 from infinilm_svc.background import TaskSupervisor
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import TABLE, create_app

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, wait_for
+from harness import ROOT, wait_for
 
 BENCH = ROOT / "bench" / "chaos.py"
 ROW = re.compile(r"^(?P<fault>.+?)\s{2,}(?P<sent>\d+)\s+(?P<failed>\d+)\s+(?P<slowest>[\d.]+|-)\s+"

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import PYZ, free_port, http_get_json, http_json, wait_for
+from harness import PYZ, free_port, http_get_json, http_json, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from conftest import ROOT, free_port, http_get_json, http_json, wait_for
+from harness import ROOT, free_port, http_get_json, http_json, wait_for, write_toml
 
 HOST = "127.0.0.1"
 ROLE_MODULES = ["infinilm_svc.registry.app", "infinilm_svc.router.app", "infinilm_svc.babysitter.app",
@@ -50,8 +50,7 @@ def test_role_modules_do_not_import_textual(module):
 def registry(procs, tmp_path):
     """A real registry process with a babysitter, its backend and a router record registered by hand."""
     port = free_port(HOST)
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f'[registry]\nbind = "{HOST}"\nport = {port}\nsweep_interval = 0.2\n')
+    cfg = write_toml(tmp_path / "node.toml", {"registry": {"bind": HOST, "port": port, "sweep_interval": 0.2}})
     procs.start([sys.executable, "-m", "infinilm_svc", "--config", str(cfg)], name="registry", cwd=ROOT)
     url = f"http://{HOST}:{port}"
     wait_for(lambda: http_get_json(url + "/health", timeout=1)[0] == 200, what="registry /health")

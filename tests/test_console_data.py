@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import async_wait_for
+from harness import async_wait_for
 
 from console.poller import Poller
 from infinilm_svc.client.babysitter import BabysitterClient, BabysitterError

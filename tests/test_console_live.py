@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for
+from harness import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for, write_toml
 from console_pilot import ask_action
 from console.app import ConsoleApp
 from console.source import HttpSource
@@ -25,17 +25,16 @@ def deployment(tmp_path_factory):
     reg, router = free_port(HOST), free_port(HOST)
     ports = {"bs-a": free_port(HOST, pair=True), "bs-b": free_port(HOST, pair=True)}
     registry_url = f"http://{HOST}:{reg}"
-    (tmp / "node.toml").write_text(
-        f'babysitters = ["bs-a.toml", "bs-b.toml"]\n'
-        f'[registry]\nbind = "{HOST}"\nport = {reg}\nsweep_interval = 0.2\n'
-        f'[router]\nbind = "{HOST}"\nport = {router}\nregistry_url = "{registry_url}"\n')
+    write_toml(tmp / "node.toml", {
+        "babysitters": ["bs-a.toml", "bs-b.toml"],
+        "registry": {"bind": HOST, "port": reg, "sweep_interval": 0.2},
+        "router": {"bind": HOST, "port": router, "registry_url": registry_url}})
     for name, port in ports.items():
-        (tmp / f"{name}.toml").write_text(
-            f'name = "{name}"\nhost = "{HOST}"\nbind = "{HOST}"\nport = {port}\n'
-            f'registry_url = "{registry_url}"\ntoken = "{TOKEN}"\n'
-            f'[babysitter]\nrestart_delay = 1.0\nheartbeat_interval = 0.2\nstartsecs = 0.3\n'
-            f'health_interval = 0.2\nlog_dir = "{tmp}/logs"\n'
-            f'[backend]\ntype = "mock"\nmodels = ["model-{name[-1]}", "shared"]\n')
+        write_toml(tmp / f"{name}.toml", {
+            "name": name, "host": HOST, "bind": HOST, "port": port, "registry_url": registry_url, "token": TOKEN,
+            "babysitter": {"restart_delay": 1.0, "heartbeat_interval": 0.2, "startsecs": 0.3,
+                           "health_interval": 0.2, "log_dir": f"{tmp}/logs"},
+            "backend": {"type": "mock", "models": [f"model-{name[-1]}", "shared"]}})
     group = ProcessGroup(tmp)
     proc = group.start([sys.executable, "-m", "infinilm_svc", "--config", str(tmp / "node.toml")],
                        name="node", cwd=ROOT)

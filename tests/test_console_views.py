@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from console.app import ConsoleApp
-from conftest import async_wait_for
+from harness import async_wait_for
 from console.rows import Latency, ModelRow, Point, Route, ServiceRow, Snapshot
 from console_pilot import ask_action
 from infinilm_svc.client.babysitter import LogLine

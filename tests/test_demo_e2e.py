@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, http_get_json, http_json, wait_for
+from harness import ROOT, http_get_json, http_json, wait_for
 
 DEMO = ROOT / "demo" / "integration-validation"
 DEMO_PORTS = (18000, 8000, 8100, 8101, 8200, 8201, 2379, 2380)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from conftest import ROOT
+from harness import ROOT
 
 # Built from pieces so that this file does not match its own search.
 OUTSIDE = re.compile("|".join(("STYLE" + r"\.md", "DESIGN" + r"\.md", "reference" + " §", r"\.\./" + "shared",

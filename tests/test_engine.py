@@ -15,7 +15,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for, write_toml
 from test_babysitter import record, start_babysitter, start_registry, status, write_babysitter
 
 PY = sys.executable
@@ -174,11 +174,11 @@ def start_node(procs, tmp_path, engine, model=None):
     """One pyz process: registry, router and a babysitter running llama-server."""
     reg, rtr, port = free_port(), free_port(), free_port(pair=True)
     sitter = write_babysitter(tmp_path, "bs-eng", port, engine_backend(engine, model=model), registry=reg)
-    node = tmp_path / "node.toml"
-    node.write_text(f'babysitters = ["{sitter.name}"]\n\n'
-                    f'[registry]\nbind = "127.0.0.1"\nport = {reg}\nheartbeat_ttl = 5\nsweep_interval = 0.2\n\n'
-                    f'[router]\nbind = "127.0.0.1"\nport = {rtr}\nregistry_url = "http://127.0.0.1:{reg}"\n'
-                    f'heartbeat_interval = 0.5\nhealth_interval = 0.5\n')
+    node = write_toml(tmp_path / "node.toml", {
+        "babysitters": [sitter.name],
+        "registry": {"bind": "127.0.0.1", "port": reg, "heartbeat_ttl": 5, "sweep_interval": 0.2},
+        "router": {"bind": "127.0.0.1", "port": rtr, "registry_url": f"http://127.0.0.1:{reg}",
+                   "heartbeat_interval": 0.5, "health_interval": 0.5}})
     procs.pyz("--config", str(node), name="node")
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{rtr}/health")[0] == 200, timeout=30, what="router up")
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{rtr}/stats")[1].get("healthy_services") == 1,
@@ -271,7 +271,7 @@ def test_usage_of_reads_cached_prompt_tokens_in_any_key_order():
 
 
 def test_demo_llama_cpp_configs_check_with_the_built_engine(engine):
-    from conftest import ROOT
+    from harness import ROOT
 
     cfg = ROOT / "demo" / "integration-validation" / "config-llama.cpp"
     env = {**os.environ, "INFINILM_ENGINE_DIR": str(engine.server.parent.parent)}

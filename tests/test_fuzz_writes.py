@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import free_port, http_get_json, wait_for
+from harness import free_port, http_get_json, wait_for, write_toml
 from fuzz_http import (AUTH_HEADERS, BODIES, NAMES, RAW_REQUESTS, RECORDS, check_answer, check_raw_answer,
                        encode_json, path_segment, request, send_raw, strict_json)
 from test_babysitter import MOCK, start_babysitter, write_babysitter
@@ -28,9 +28,9 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@-]{0,252}")
 @pytest.fixture
 def registry(procs, tmp_path):
     port = free_port()
-    cfg = tmp_path / "registry.toml"
-    cfg.write_text(f'[registry]\nbind = "{HOST}"\nport = {port}\nprobe_interval = 0\nmax_services = 50\n'
-                   f'heartbeat_ttl = 3600\nexpire_after = 7200\n')
+    cfg = write_toml(tmp_path / "registry.toml", {"registry": {
+        "bind": HOST, "port": port, "probe_interval": 0, "max_services": 50, "heartbeat_ttl": 3600,
+        "expire_after": 7200}})
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name="registry")
     wait_for(lambda: http_get_json(f"http://{HOST}:{port}/health")[0] == 200, what="registry up")
     return proc, port

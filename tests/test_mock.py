@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for
 from infinilm_svc.mock.app import create_app
 from infinilm_svc.mock.cli import parse_options
 from infinilm_svc.mock.options import MockOptions

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from infinilm_svc.registry.app import create_app
 
-from conftest import async_wait_for
+from harness import async_wait_for
 
 
 def rec(name="svc-a", host="10.1.2.3", port=8100, **kw):

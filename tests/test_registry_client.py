@@ -9,7 +9,7 @@ from aiohttp import web
 
 from infinilm_svc.client.registry import RegistryClient, RegistryRejected, RegistryUnavailable, registry_urls
 
-from conftest import free_port
+from harness import free_port
 
 
 def test_registry_urls_accepts_a_string_a_comma_list_or_a_list():

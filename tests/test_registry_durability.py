@@ -17,7 +17,7 @@ import pytest
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for, write_toml
 from test_registry_state import saved_names
 
 PY = sys.executable
@@ -25,8 +25,8 @@ PY = sys.executable
 
 def start_registry(procs, tmp_path: Path, state: Path, port: int | None = None):
     port = port or free_port()
-    cfg = tmp_path / f"registry-{port}.toml"
-    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nprobe_interval = 0\nstate_file = "{state}"\n')
+    cfg = write_toml(tmp_path / f"registry-{port}.toml", {"registry": {
+        "bind": "127.0.0.1", "port": port, "probe_interval": 0, "state_file": str(state)}})
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name="registry")
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200, what="registry up")
     return proc, port

@@ -13,7 +13,7 @@ from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 from infinilm_svc.runtime import StartupError
 
-from conftest import async_wait_for, free_port
+from harness import async_wait_for, free_port
 from etcd_cluster import EtcdCluster
 
 

@@ -13,23 +13,18 @@ import pytest
 
 from infinilm_svc.client.registry import RegistryClient
 
-from conftest import async_wait_for, free_port, http_get_json, wait_for
+from harness import async_wait_for, free_port, http_get_json, wait_for, write_toml
 from etcd_cluster import EtcdCluster
 
 PY = sys.executable
 FAST_BS = {"heartbeat_interval": 0.5, "health_interval": 0.5, "restart_delay": 0.2}
 
 
-def toml_list(items) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
-
-
 def start_registry(procs, tmp_path: Path, endpoints: list[str], port: int | None = None, name: str = "registry"):
     port = port or free_port()
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {port}\nheartbeat_ttl = 3\nexpire_after = 60\n'
-                   f'probe_interval = 0\nstore = "etcd"\netcd_endpoints = {toml_list(endpoints)}\n'
-                   f'etcd_prefix = "/ha-test/"\netcd_timeout = 1.0\n')
+    cfg = write_toml(tmp_path / f"{name}.toml", {"registry": {
+        "bind": "127.0.0.1", "port": port, "heartbeat_ttl": 3, "expire_after": 60, "probe_interval": 0,
+        "store": "etcd", "etcd_endpoints": endpoints, "etcd_prefix": "/ha-test/", "etcd_timeout": 1.0}})
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name=name)
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200, timeout=20,
              what=f"{name} up (log {proc.log_path})")
@@ -38,21 +33,18 @@ def start_registry(procs, tmp_path: Path, endpoints: list[str], port: int | None
 
 def start_babysitter(procs, tmp_path: Path, name: str, registries: list[str]):
     port = free_port(pair=True)
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f'name = "{name}"\nhost = "127.0.0.1"\nbind = "127.0.0.1"\nport = {port}\n'
-                   f'registry_url = {toml_list(registries)}\n[babysitter]\n'
-                   + "".join(f"{k} = {v}\n" for k, v in FAST_BS.items())
-                   + '[backend]\ntype = "mock"\nmodels = ["model-1"]\n')
+    cfg = write_toml(tmp_path / f"{name}.toml", {
+        "name": name, "host": "127.0.0.1", "bind": "127.0.0.1", "port": port, "registry_url": registries,
+        "babysitter": FAST_BS, "backend": {"type": "mock", "models": ["model-1"]}})
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name=name)
     return proc, port
 
 
 def start_router(procs, tmp_path: Path, name: str, registries: list[str]):
     port = free_port()
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f'[router]\nbind = "127.0.0.1"\nport = {port}\nname = "{name}"\n'
-                   f'registry_url = {toml_list(registries)}\nheartbeat_interval = 1\nhealth_interval = 1\n'
-                   f'watch_wait = 5\n')
+    cfg = write_toml(tmp_path / f"{name}.toml", {"router": {
+        "bind": "127.0.0.1", "port": port, "name": name, "registry_url": registries, "heartbeat_interval": 1,
+        "health_interval": 1, "watch_wait": 5}})
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name=name)
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{port}/health")[0] in (200, 503), timeout=20,
              what=f"{name} up (log {proc.log_path})")
@@ -81,9 +73,8 @@ def test_cli_registry_url_takes_a_comma_separated_list(procs, tmp_path, etcd_ser
     dead = f"http://127.0.0.1:{free_port()}"
     _, live = start_registry(procs, tmp_path, etcd_server.endpoints)
     port = free_port(pair=True)
-    cfg = tmp_path / "bs-cli.toml"
-    cfg.write_text(f'name = "bs-cli"\nhost = "127.0.0.1"\nbind = "127.0.0.1"\nport = {port}\n'
-                   '[backend]\ntype = "mock"\nmodels = ["m"]\n')
+    cfg = write_toml(tmp_path / "bs-cli.toml", {"name": "bs-cli", "host": "127.0.0.1", "bind": "127.0.0.1",
+                                               "port": port, "backend": {"type": "mock", "models": ["m"]}})
     procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg), "--registry-url", f"{dead},http://127.0.0.1:{live}"],
                 name="bs-cli")
     wait_for(lambda: registered(live, ["bs-cli", "bs-cli-server"]), timeout=20, what="registered via the list")
@@ -222,9 +213,8 @@ async def test_kill9_a_registry_and_the_etcd_leader_under_load_loses_nothing(pro
 
 def test_registry_exits_1_naming_the_endpoints_when_etcd_is_unreachable(procs, tmp_path):
     dead = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
-    cfg = tmp_path / "registry.toml"
-    cfg.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {free_port()}\nstore = "etcd"\n'
-                   f'etcd_endpoints = {toml_list(dead)}\netcd_timeout = 0.3\n')
+    cfg = write_toml(tmp_path / "registry.toml", {"registry": {
+        "bind": "127.0.0.1", "port": free_port(), "store": "etcd", "etcd_endpoints": dead, "etcd_timeout": 0.3}})
     proc = procs.start([PY, "-m", "infinilm_svc", "--config", str(cfg)], name="registry")
     assert proc.wait(timeout=30) == 1
     out = procs.output(proc)

@@ -9,7 +9,7 @@ import pytest
 
 from infinilm_svc.registry.app import create_app
 
-from conftest import async_wait_for
+from harness import async_wait_for
 
 
 def rec(name="svc", status="running"):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import async_wait_for
-from test_router_harness import Deployment, dep  # noqa: F401 (dep: a fixture)
+from harness import async_wait_for
+from router_harness import Deployment, dep  # noqa: F401 (dep: a fixture)
 
 
 async def test_round_robin_alternates_per_model(dep):
@@ -206,7 +206,8 @@ async def test_registry_unreachable_keeps_last_table(aiohttp_server):
     try:
         await d.start_registry()
         await d.start_mock("a", ["m"])
-        await d.start_router()
+        # A short long-poll: the router notices a registry gone at its next watch, not 5 s later.
+        await d.start_router(watch_wait=0.5)
         await d.wait_routable(1)
         await d.registry_server.close()  # the registry goes away
 
@@ -225,8 +226,8 @@ async def test_503_from_a_backend_is_retried_on_another(dep, aiohttp_server):
     """A backend answering 503 before any byte reached the client: the client gets another's answer."""
     from aiohttp import web
 
-    from conftest import free_port
-    from test_router_harness import HOST
+    from harness import free_port
+    from router_harness import HOST
 
     async def overloaded(request):
         return web.json_response({"error": {"message": "busy"}}, status=503)
@@ -244,17 +245,34 @@ async def test_503_from_a_backend_is_retried_on_another(dep, aiohttp_server):
     assert busy["errors"].get("http_503", 0) >= 1
 
 
-async def test_max_in_flight_queues_then_answers_429(dep):
-    """One slot per backend and a queue of one: the third concurrent request is refused with 429."""
-    await dep.start_mock("slow", ["m"], latency=0.5)
-    await dep.start_router(max_in_flight=1, queue_size=1, queue_timeout=5)
+async def test_max_in_flight_queues_then_answers_429(dep, aiohttp_server):
+    """One slot per backend and a queue of one: of three concurrent requests one is served, one waits
+    and the third is refused with 429; the one that waited is served when the slot frees."""
+    from aiohttp import web
+
+    from router_harness import HOST
+
+    release = asyncio.Event()
+
+    async def held(request):  # holds every request until the test lets go: no race with the clock
+        await release.wait()
+        return web.json_response({"object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello from held"}}]})
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", held)
+    server = await aiohttp_server(app, host=HOST)
+    await dep.register("held", server.port, ["m"])
+    await dep.start_router(max_in_flight=1, queue_size=1, queue_timeout=60)
     await dep.wait_routable(1)
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
-    results = await asyncio.gather(*(dep.post("/v1/chat/completions", body) for _ in range(3)))
-    statuses = sorted(r[0] for r in results)
-    assert statuses == [200, 200, 429], statuses
-    refused = [r for r in results if r[0] == 429][0]
-    assert refused[2].get("Retry-After") and refused[1]["error"]["code"] == "queue_full"
+    tasks = [asyncio.create_task(dep.post("/v1/chat/completions", body)) for _ in range(3)]
+    refused = await async_wait_for(lambda: [t.result() for t in tasks if t.done()], timeout=30,
+                                   what="one of three requests to be refused")
+    assert len(refused) == 1 and refused[0][0] == 429, refused
+    assert refused[0][2].get("Retry-After") and refused[0][1]["error"]["code"] == "queue_full"
+    release.set()
+    results = await asyncio.gather(*tasks)
+    assert sorted(r[0] for r in results) == [200, 200, 429], results
 
 
 async def test_access_log_has_one_line_per_request(dep, caplog):
@@ -284,7 +302,7 @@ async def test_when_every_backend_is_ejected_they_are_still_tried(dep):
 
 async def test_wildcard_bind_registers_the_address_the_registry_saw(dep):
     from infinilm_svc.router.discovery import router_record
-    from test_router_harness import router_config
+    from router_harness import router_config
     cfg = router_config(dep.registry_url, bind="0.0.0.0")
     rec = router_record(cfg)
     assert rec["host"] == "0.0.0.0" and rec["metadata"]["url"] is None and not rec["name"].startswith("router-0.0.0.0")

@@ -9,8 +9,8 @@ import socket
 import aiohttp
 import pytest
 
-from conftest import async_wait_for, free_port
-from test_router_harness import HOST, Deployment, dep  # noqa: F401 (dep: a fixture)
+from harness import async_wait_for, free_port
+from router_harness import HOST, Deployment, dep  # noqa: F401 (dep: a fixture)
 
 
 async def backend_stats(dep: Deployment, name: str) -> dict:

@@ -7,8 +7,8 @@ import logging
 
 from aiohttp import web
 
-from conftest import async_wait_for, free_port
-from test_router_harness import HOST, backend_record, dep  # noqa: F401 (dep: a fixture)
+from harness import async_wait_for, free_port
+from router_harness import HOST, backend_record, dep  # noqa: F401 (dep: a fixture)
 
 
 class LaxRegistry:

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import free_port, http_get_json, http_json, wait_for
+from harness import free_port, http_get_json, http_json, wait_for, write_toml
 
 pytestmark = pytest.mark.e2e
 
 
 def test_pyz_router_routes_through_registry_and_registers_itself(pyz_path, procs, tmp_path):
     reg, rtr, mock = free_port(), free_port(), free_port()
-    node = tmp_path / "node.toml"
-    node.write_text(f'[registry]\nbind = "127.0.0.1"\nport = {reg}\n\n'
-                    f'[router]\nbind = "127.0.0.1"\nport = {rtr}\nregistry_url = "http://127.0.0.1:{reg}"\n'
-                    f'heartbeat_interval = 0.5\nhealth_interval = 0.5\n')
+    node = write_toml(tmp_path / "node.toml", {
+        "registry": {"bind": "127.0.0.1", "port": reg},
+        "router": {"bind": "127.0.0.1", "port": rtr, "registry_url": f"http://127.0.0.1:{reg}",
+                   "heartbeat_interval": 0.5, "health_interval": 0.5}})
     server = procs.pyz("--config", str(node), name="node")
     procs.pyz("mock", "--name", "m1", "--port", str(mock), "--models", "model-x", name="mock")
     wait_for(lambda: http_get_json(f"http://127.0.0.1:{mock}/health")[0] == 200, timeout=20, what="mock up")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import async_wait_for
+from harness import async_wait_for
 from infinilm_svc.config.router import RouterConfig
 from infinilm_svc.looplag import LoopLag
 from infinilm_svc.router.app import DISCOVERY, HEALTH, TABLE, create_app
@@ -24,7 +24,7 @@ from infinilm_svc.router.balancer import Session
 from infinilm_svc.router.metrics import SLICE, Exposition
 from infinilm_svc.router.stats import Samples
 from infinilm_svc.runtime import HostedApp, start_app
-from test_router_harness import HOST, Deployment, backend_record, dep, router_config  # noqa: F401 - dep is a fixture
+from router_harness import HOST, Deployment, backend_record, dep, router_config  # noqa: F401 - dep is a fixture
 
 
 def fleet_records(n: int, port: int) -> list[dict]:

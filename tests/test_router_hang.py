@@ -10,9 +10,9 @@ import time
 import aiohttp
 import pytest
 
-from conftest import async_wait_for
+from harness import async_wait_for
 from infinilm_svc.config.router import RouterConfig
-from test_router_harness import dep  # noqa: F401 (a fixture)
+from router_harness import dep  # noqa: F401 (a fixture)
 from test_router_proxy import start_mock_process
 
 DEFAULTS = {k: getattr(RouterConfig, k) for k in ("health_interval", "health_timeout", "unhealthy_threshold",

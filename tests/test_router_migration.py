@@ -9,7 +9,7 @@ import signal
 import aiohttp
 import pytest
 
-from test_router_harness import HOST, Deployment, dep  # noqa: F401 (dep: a fixture)
+from router_harness import HOST, Deployment, dep  # noqa: F401 (dep: a fixture)
 from test_router_proxy import start_mock_process
 
 CHUNKS = 12

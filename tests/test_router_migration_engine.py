@@ -7,9 +7,9 @@ import signal
 
 import aiohttp
 
-from conftest import async_wait_for, free_port
+from harness import async_wait_for, free_port
 from engine import engine  # noqa: F401 (a fixture)
-from test_router_harness import HOST, dep  # noqa: F401 (a fixture)
+from router_harness import HOST, dep  # noqa: F401 (a fixture)
 
 
 def start_engine(procs, engine, name: str) -> tuple[int, object]:  # noqa: F811

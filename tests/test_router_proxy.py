@@ -9,8 +9,8 @@ import signal
 import aiohttp
 import pytest
 
-from conftest import async_wait_for, free_port
-from test_router_harness import HOST, Deployment, dep, mock_command, served_by  # noqa: F401 (dep: a fixture)
+from harness import async_wait_for, free_port
+from router_harness import HOST, Deployment, dep, mock_command, served_by  # noqa: F401 (dep: a fixture)
 
 
 async def start_mock_process(dep: Deployment, procs, name: str, models: list[str], *knobs: str) -> tuple[int, object]:

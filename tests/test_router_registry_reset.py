@@ -6,10 +6,10 @@ import asyncio
 
 import aiohttp
 
-from conftest import async_wait_for
+from harness import async_wait_for
 from infinilm_svc.config.registry import RegistryConfig
 from infinilm_svc.registry.app import create_app as create_registry
-from test_router_harness import HOST, dep  # noqa: F401 (a fixture)
+from router_harness import HOST, dep  # noqa: F401 (a fixture)
 
 
 async def test_a_registry_restarted_empty_costs_no_request(dep):

@@ -11,8 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import async_wait_for, free_port
-from test_router_harness import HOST, backend_record, dep  # noqa: F401 (a fixture)
+from harness import async_wait_for, free_port, write_toml
+from router_harness import HOST, backend_record, dep  # noqa: F401 (a fixture)
 from test_router_proxy import start_mock_process
 
 
@@ -35,9 +35,9 @@ def migrate_req():
 
 
 def router_process(procs, tmp_path, registry_url: str, port: int, name: str):
-    cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nregistry_url = "{registry_url}"\nname = "{name}"\n'
-                   "health_interval = 60.0\naccess_log = false\n")
+    cfg = write_toml(tmp_path / f"{name}.toml", {"router": {
+        "bind": HOST, "port": port, "registry_url": registry_url, "name": name, "health_interval": 60.0,
+        "access_log": False}})
     return procs.start([sys.executable, "-m", "infinilm_svc", "--config", str(cfg)], name=name)
 
 

@@ -9,7 +9,7 @@ from infinilm_svc.router.connection import Connection
 from infinilm_svc.router.failures import ConnectError, ConnectionBroken, ReadTimeout
 from infinilm_svc.router.pool import Pool
 from infinilm_svc.router.reply import Reply
-from conftest import free_port
+from harness import free_port
 
 
 def request(pool: Pool, url: str, method: str = "GET", path: str = "/", body: bytes = b"",
@@ -31,8 +31,9 @@ async def pieces(reply: Reply) -> list[bytes]:
     return got
 
 
-async def raw_server(answers: list[bytes | None], conns: list | None = None):
-    """A server that reads one request head per answer and writes the answer bytes (None = close)."""
+async def raw_server(answers: list, conns: list | None = None):
+    """A server that reads one request head per answer and writes the answer bytes (an answer may be
+    a list of pieces; None = close, an asyncio.Event = wait for it before the next piece)."""
     queue = list(answers)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -55,6 +56,9 @@ async def raw_server(answers: list[bytes | None], conns: list | None = None):
                     if piece is None:  # close mid-answer
                         writer.close()
                         return
+                    if isinstance(piece, asyncio.Event):  # write the rest once the test says so
+                        await piece.wait()
+                        continue
                     writer.write(piece)
                     await writer.drain()
                     await asyncio.sleep(0.01)  # pacing, not waiting: each piece arrives as its own read
@@ -83,14 +87,26 @@ async def test_content_length_body_and_keep_alive_reuse():
 
 
 async def test_chunked_stream_pieces_arrive_before_the_end():
+    """The server sends the rest of the stream only after the client was given the first piece: a
+    client that held pieces back until the end would time out instead."""
+    first_seen = asyncio.Event()
     parts = [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
-             b"7\r\ndata: 1\r\n", b"7\r\ndata: 2\r\n", b"0\r\n\r\n"]
+             b"7\r\ndata: 1\r\n", first_seen, b"7\r\ndata: 2\r\n", b"0\r\n\r\n"]
     server, url = await raw_server([parts])
     pool = Pool(2.0, 5.0)
+    got: list[bytes] = []
+
+    def sink(data: bytes) -> bool:
+        got.append(data)
+        first_seen.set()
+        return False
+
+    async def drain() -> None:
+        pass
     try:
         r = await request(pool, url, "POST", "/s", b"{}")
         assert r.streaming
-        got = await pieces(r)
+        await r.relay(sink, drain)
         assert b"".join(got) == b"data: 1data: 2"
     finally:
         pool.close()

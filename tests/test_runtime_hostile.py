@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import free_port, http_get_json, wait_for
+from harness import free_port, http_get_json, wait_for, write_toml
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.mock.app import create_app as create_mock
 from infinilm_svc.mock.options import MockOptions
@@ -142,8 +142,7 @@ async def test_half_sent_and_idle_connections_are_closed(hosted):
 
 def _run_limited(procs, tmp_path, soft: int, hard: int):
     port = free_port()
-    cfg = tmp_path / "registry.toml"
-    cfg.write_text(f'[registry]\nbind = "{HOST}"\nport = {port}\nprobe_interval = 0\n')
+    cfg = write_toml(tmp_path / "registry.toml", {"registry": {"bind": HOST, "port": port, "probe_interval": 0}})
     launcher = ("import resource, os, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (%d, %d)); "
                 "os.execv(sys.executable, [sys.executable, '-m', 'infinilm_svc', '--config', sys.argv[1]])"
                 % (soft, hard))

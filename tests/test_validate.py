@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import pytest_asyncio
 from aiohttp import web
 
 from infinilm_svc import validate
@@ -17,7 +18,7 @@ from infinilm_svc.config import BabysitterConfig, BackendConfig, RegistryConfig,
 from infinilm_svc.runtime import HostedApp, start_app
 from infinilm_svc.validate import CheckResult, ExpectedService, ValidateOptions, run_checks
 
-from conftest import async_wait_for, free_port
+from harness import async_wait_for, free_port
 
 
 def _loopback_pair() -> tuple[str, str]:
@@ -98,6 +99,12 @@ async def deploy(tmp_path: Path, without: tuple[str, ...] = ()) -> Deployment:
     for name, (model, server) in PLACEMENT.items():
         if name not in without:
             await d.start_babysitter(name, h1 if server == 1 else h2, model)
+    await wait_ready(d, without)
+    return d
+
+
+async def wait_ready(d: Deployment, without: tuple[str, ...] = ()) -> None:
+    """Every babysitter and backend record healthy, and the router routing to every backend."""
     want = {n for n in PLACEMENT if n not in without} | {f"{n}-server" for n in PLACEMENT if n not in without}
 
     async def ready() -> bool:
@@ -107,14 +114,37 @@ async def deploy(tmp_path: Path, without: tuple[str, ...] = ()) -> Deployment:
         return want <= names and body.get("healthy_services") == f"{len(want) // 2}/{len(want) // 2}"
 
     await async_wait_for(ready, timeout=20, interval=0.1, what=f"records {sorted(want)} healthy and routed")
-    return d
 
 
-@pytest.fixture
-async def deployment(tmp_path):
-    d = await deploy(tmp_path)
+# One deployment for the module: its tests share the module's event loop (`shared`), and each gets
+# it back as it was (the `deployment` fixture).
+shared = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_deployment(tmp_path_factory):
+    d = await deploy(tmp_path_factory.mktemp("validate"))
     yield d
     await d.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def deployment(module_deployment):
+    """The module's deployment, healthy and routed; what a test adds to it (registries, routers,
+    stand-ins, records) is stopped and removed after the test."""
+    d = module_deployment
+    await wait_ready(d)
+    started = len(d.runners)
+    names = {r["name"] for r in await _records(d.registry_url)}
+    yield d
+    added, d.runners[started:] = d.runners[started:], []
+    for runner in reversed(added):
+        await runner.cleanup()
+    async with aiohttp.ClientSession() as s:
+        registry = RegistryClient(s, d.registry_url)
+        for r in (await registry.services())[0]:
+            if r["name"] not in names:
+                await registry.deregister(r["name"])
 
 
 async def collect(options: ValidateOptions) -> dict[int, CheckResult]:
@@ -135,6 +165,7 @@ async def _copy_records(src_url: str, dst_url: str, keep, edit=lambda r: r) -> N
                 await dst.register({k: r[k] for k in ("name", "host", "port", "hostname", "url", "status", "metadata")})
 
 
+@shared
 async def test_every_check_passes_on_a_healthy_deployment_including_chaos(deployment):
     """Checks 1-9 and --chaos pass; the chaos check stops a backend, keeps traffic flowing and starts it again."""
     results = await collect(ValidateOptions(registry=deployment.registry_url, chaos=True, timeout=5, chaos_timeout=15))
@@ -163,6 +194,7 @@ async def test_a_missing_backend_fails_discovery_and_load_balancing(tmp_path):
     assert results[4].passed and results[5].passed and results[8].passed
 
 
+@shared
 async def test_one_backend_serving_all_traffic_fails_only_load_balancing(deployment):
     """A router that knows only babysitter-a for model-1 sends it everything: check 7 fails, naming babysitter-c."""
     d = deployment
@@ -183,6 +215,7 @@ async def test_one_backend_serving_all_traffic_fails_only_load_balancing(deploym
     assert "model-2" not in results[7].detail
 
 
+@shared
 async def test_a_request_id_missing_from_its_backends_log_fails_logs(deployment):
     """If the registry points babysitter-c-server at babysitter-a's /logs, ids served by c are missing: check 8 fails."""
     d = deployment
@@ -238,6 +271,7 @@ def _is_chat(request: web.Request, body: bytes, stream: bool) -> bool:
     return request.path == "/v1/chat/completions" and bool(json.loads(body).get("stream")) == stream
 
 
+@shared
 async def test_a_router_without_healthy_backends_fails_only_router_health(deployment):
     """A router whose /health reports no healthy backend fails check 2, naming what it said; the rest pass."""
     async def no_backends(request, body):
@@ -251,6 +285,7 @@ async def test_a_router_without_healthy_backends_fails_only_router_health(deploy
     assert f"{front} has no healthy backend (healthy_services='0/4'" in results[2].detail
 
 
+@shared
 async def test_an_answer_from_a_backend_not_serving_the_model_fails_chat(deployment):
     """Non-streamed answers for model-1 that name babysitter-b (which serves model-2) fail check 5; 6 passes."""
     async def misnamed(request, body):
@@ -267,7 +302,9 @@ async def test_an_answer_from_a_backend_not_serving_the_model_fails_chat(deploym
         return web.json_response(answer)
 
     front = await start_front(deployment, misnamed)
-    results = await collect(ValidateOptions(registry=deployment.registry_url, router=front, timeout=5))
+    # Check 8 looks for each id in the log of the backend the answer names, which never has it: a
+    # short log_wait, since only how long it waits for the log depends on it.
+    results = await collect(ValidateOptions(registry=deployment.registry_url, router=front, timeout=5, log_wait=0.5))
     assert not results[5].passed, _table(results)
     assert "model-1: answered by babysitter-b-server, which does not serve it (expected one of " \
            "babysitter-a-server, babysitter-c-server)" in results[5].detail
@@ -275,6 +312,7 @@ async def test_an_answer_from_a_backend_not_serving_the_model_fails_chat(deploym
     assert all(results[n].passed for n in (1, 2, 3, 4, 6, 9)), _table(results)
 
 
+@shared
 async def test_a_failing_stream_fails_streaming_chat(deployment):
     """A router that answers 500 to streamed chat fails check 6 with the error it gave; check 5 passes."""
     async def no_streams(request, body):
@@ -291,6 +329,7 @@ async def test_a_failing_stream_fails_streaming_chat(deployment):
     assert all(results[n].passed for n in (1, 2, 3, 4, 5, 9)), _table(results)
 
 
+@shared
 async def test_model_aggregation_fails_when_a_model_is_not_expected(deployment):
     """Check 4 compares exactly: an extra expected model is reported missing from /models and /v1/models."""
     opts = ValidateOptions(registry=deployment.registry_url, expect_models=("model-1", "model-2", "model-3"), timeout=5)
@@ -300,6 +339,7 @@ async def test_model_aggregation_fails_when_a_model_is_not_expected(deployment):
     assert "/v1/models lists ['model-1', 'model-2']: missing model-3" in results[4].detail
 
 
+@shared
 async def test_all_servers_on_one_host_fails_discovery(deployment):
     """Check 3 asks for records from both server addresses; naming a third address fails and says which hosts exist."""
     opts = ValidateOptions(registry=deployment.registry_url, expect_hosts=(deployment.host1, "127.0.0.254"),
@@ -354,6 +394,7 @@ def test_unreachable_deployment_exits_1_with_table_and_json(capsys):
     assert "cannot reach the registry" in data["checks"][0]["detail"]
 
 
+@shared
 async def test_every_registered_router_is_checked(deployment):
     """Check 2 passes when a second router agrees, and fails naming a registered router that is dead."""
     await deployment.start_router(deployment.host2, deployment.registry_url)
@@ -382,6 +423,7 @@ async def test_every_registered_router_is_checked(deployment):
     assert not results[2].passed and f"router {dead} is unreachable" in results[2].detail, _table(results)
 
 
+@shared
 async def test_a_registry_list_is_validated_through_the_first_that_answers(deployment, capsys):
     dead = f"http://127.0.0.1:{_dead_port()}"
     results = await collect(ValidateOptions(registry=f"{dead},{deployment.registry_url}", timeout=5))

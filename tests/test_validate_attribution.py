@@ -15,7 +15,7 @@ from infinilm_svc.router.app import create_app as create_router
 from infinilm_svc.validate import ValidateOptions
 from infinilm_svc.validate.deployment import Run, chat, refresh_records
 
-from conftest import async_wait_for, free_port
+from harness import async_wait_for, free_port
 from infinilm_svc.runtime import HostedApp, start_app
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import ROOT, async_wait_for, free_port
+from harness import ROOT, async_wait_for, free_port
 from infinilm_svc.client.registry import RegistryClient
 from infinilm_svc.config.registry import RegistryConfig
 from infinilm_svc.config.router import RouterConfig
