@@ -99,7 +99,7 @@ async def test_metrics_are_written_in_slices_with_the_loop_free_between():
     assert samples[("infinilm_router_backend_latency_seconds_bucket", (("backend", "fleet-7"), ("le", "0.025")))] == 1
     assert samples[("infinilm_router_backend_routable", (("backend", "fleet-999"),))] == 1
     assert ("infinilm_router_event_loop_lag_max_seconds", ()) in samples
-    assert samples[("infinilm_router_health_check_interval_seconds", ())] == max(5.0, n / 50.0)
+    assert samples[("infinilm_router_health_check_interval_seconds", ())] == max(5.0, n / 30.0)
 
 
 async def test_registry_table_applied_in_slices():

@@ -65,3 +65,39 @@ async def test_a_hung_backend_is_taken_out_and_its_held_requests_go_elsewhere(de
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
     print(f"{len(results)} requests, slowest {max(t for _, t in results):.2f}s")
 
+
+
+async def test_a_stream_under_way_on_a_backend_that_hangs_continues_elsewhere(dep, procs):
+    """A stream that had begun when its backend hung (SIGSTOP): the silence makes the router probe
+    the backend, and once it is out the stream continues on another backend (request migration).
+    Before: only requests with no byte back were moved; a begun stream waited for the babysitter to
+    kill the backend (about 9 s in bench/chaos.py) or for read_timeout (600 s)."""
+    knobs = ("--chunks", "200", "--chunk-interval", "0.05")
+    _, proc_a = await start_mock_process(dep, procs, "a", ["m"], *knobs)
+    _, proc_b = await start_mock_process(dep, procs, "b", ["m"], *knobs)
+    await dep.start_router(**DEFAULTS)
+    await dep.wait_routable(2)
+    procs_by_name = {"a": proc_a, "b": proc_b}
+    stopped = []
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    text = b""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        async with s.post(dep.router_url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            async for piece in r.content.iter_any():
+                text += piece
+                if not stopped and text.count(b"data: ") >= 5:
+                    _, stats, _ = await dep.get("/stats")
+                    serving = [sv["name"] for sv in stats["services"] if sv["in_flight"] == 1]
+                    assert len(serving) == 1, stats["services"]
+                    os.kill(procs_by_name[serving[0]].pid, signal.SIGSTOP)
+                    stopped.append((serving[0], time.monotonic()))
+    try:
+        assert stopped and text.rstrip().endswith(b"data: [DONE]"), text[-300:]
+        _, stats, _ = await dep.get("/stats")
+        services = {sv["name"]: sv for sv in stats["services"]}
+        assert services[stopped[0][0]]["migrations"] == 1, services[stopped[0][0]]
+        assert b"upstream_stream_error" not in text
+    finally:
+        for name, _ in stopped:
+            os.kill(procs_by_name[name].pid, signal.SIGCONT)

@@ -34,7 +34,7 @@ class RouterConfig:
     health_interval: float = 5.0
     health_timeout: float = 1.0
     health_path: str = "/health"            # probed on each backend's own URL
-    health_max_rate: float = 50.0           # health checks started per second at most, over all backends
+    health_max_rate: float = 30.0           # health checks started per second at most, over all backends
     health_concurrency: int = 64            # health checks in flight at most
     unhealthy_threshold: int = 2
     healthy_threshold: int = 2

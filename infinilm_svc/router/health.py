@@ -171,14 +171,29 @@ class Health:
 
     def _probe_suspects(self, now: float) -> None:
         """Out-of-turn probes: a backend holding requests with no byte back for longer than
-        health_timeout is checked at once."""
+        health_timeout, or an answer under way that has been silent that long, is checked at once."""
         limit = self.config.health_timeout
+        silent = self._silent_targets(now)
         for b in self.table.backends.values():
-            if b.pending and b.active_ok and not b.probing and now - b.suspect_probe > limit:
-                oldest = min(r.sent_at for r in b.pending)
-                if now - oldest > limit:
+            if b.active_ok and not b.probing and now - b.suspect_probe > limit:
+                suspect = bool(b.pending) and now - min(r.sent_at for r in b.pending) > limit
+                if suspect or (silent and self.pool is not None and self.pool.target(b.url) in silent):
                     b.suspect_probe = now
                     self.probe_soon(b)
+
+    def _silent_streams(self, now: float):
+        """(connection, reply) of the answers under way whose backend has sent nothing for longer
+        than health_timeout (not counting time paused for our own slow client)."""
+        if self.pool is None:
+            return
+        limit = self.config.health_timeout
+        for conn in list(self.pool.busy):
+            r = conn.reply
+            if r is not None and r.got_bytes and not conn.paused and now - conn.last_data > limit:
+                yield conn, r
+
+    def _silent_targets(self, now: float) -> set:
+        return {r.key for _, r in self._silent_streams(now)}
 
     async def _check(self, b: Backend) -> None:
         try:
@@ -217,13 +232,22 @@ class Health:
             self.table.rebuild()
             self.redispatch(b, f"backend {b.name} failed {b.fail_streak} health checks")
 
-    @staticmethod
-    def redispatch(b: Backend, why: str) -> None:
-        """Fail `b`'s requests that have had nothing back yet, so the proxy retries them elsewhere."""
+    def redispatch(self, b: Backend, why: str) -> None:
+        """Fail `b`'s requests that have had nothing back yet, so the proxy retries them elsewhere,
+        and its answers under way that have gone silent, so they continue elsewhere (request
+        migration) instead of waiting for the process to die or for read_timeout."""
         for reply in list(b.pending):
             reply.fail(BackendHung(f"{why} while this request waited for its answer"))
             reply.conn.close()
         b.pending.clear()
+        if self.pool is None:
+            return
+        key = self.pool.target(b.url)
+        now = asyncio.get_running_loop().time()
+        for conn, reply in list(self._silent_streams(now)):
+            if reply.key == key:
+                reply.fail(BackendHung(f"{why}; its answer had been silent for {now - conn.last_data:.1f}s"))
+                conn.close()
 
     async def _probe(self, b: Backend) -> tuple[bool, float]:
         """GET the health path on a connection of its own, closed once the status line is in: a
