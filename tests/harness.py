@@ -58,7 +58,8 @@ _SLICE = _port_slice()
 _next = itertools.count(random.Random().randrange(len(_SLICE)))
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(host: str, port: int) -> bool:
+    """Whether `host:port` can be bound now (nothing listens there)."""
     with socket.socket() as s:
         try:
             s.bind((host, port))
@@ -77,9 +78,9 @@ def free_port(host: str = "127.0.0.1", pair: bool = False) -> int:
             if i + 1 == len(_SLICE):
                 continue
             next(_next)  # P+1 is the caller's too
-            if _bindable(host, port) and _bindable(host, port + 1):
+            if bindable(host, port) and bindable(host, port + 1):
                 return port
-        elif _bindable(host, port):
+        elif bindable(host, port):
             return port
     raise RuntimeError(f"no free port on {host} in {_SLICE}")
 

@@ -6,14 +6,13 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from harness import ROOT, http_get_json, http_json, wait_for
+from harness import ROOT, bindable, http_get_json, http_json, wait_for
 
 DEMO = ROOT / "demo" / "integration-validation"
 DEMO_PORTS = (18000, 8000, 8100, 8101, 8200, 8201, 2379, 2380)
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _ports_free(host: str) -> bool:
-    for port in DEMO_PORTS:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                return False
-    return True
+    return all(bindable(host, port) for port in DEMO_PORTS)
 
 
 def _two_addresses() -> tuple[str, str]:
