@@ -106,20 +106,17 @@ async def test_deregistered_is_gone_expired_is_expired_and_only_registered_ones_
         async with session.delete(reg_url + "/services/leaver") as resp:
             assert resp.status == 200
 
-        async def lapsed_is_stale():
-            async with session.post(reg_url + "/services/stayer/heartbeat", json={"status": "running"}):
-                pass
-            got = await poller.poll()
-            return got if got.service("lapsed").state == "stale" else None
-        snap = await async_wait_for(lapsed_is_stale, what="lapsed marked stale")
+        def lapsed_is(state: str):
+            async def check():
+                async with session.post(reg_url + "/services/stayer/heartbeat", json={"status": "running"}):
+                    pass
+                got = await poller.poll()
+                return got if got.service("lapsed").state == state else None
+            return check
+        snap = await async_wait_for(lapsed_is("stale"), what="lapsed marked stale")
         assert snap.service("leaver").state == "gone" and snap.service("leaver").heartbeat_age is None
 
-        async def lapsed_dropped():
-            async with session.post(reg_url + "/services/stayer/heartbeat", json={"status": "running"}):
-                pass
-            got = await poller.poll()
-            return got if got.service("lapsed").state == "expired" else None
-        snap = await async_wait_for(lapsed_dropped, what="lapsed expired by the registry")
+        snap = await async_wait_for(lapsed_is("expired"), what="lapsed expired by the registry")
         assert snap.service("leaver").state == "gone"
         assert snap.registered == 1 and snap.service("stayer").state == "running"
 

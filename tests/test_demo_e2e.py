@@ -89,11 +89,17 @@ def _run(script: str, *args: str, env: dict, timeout: float) -> subprocess.Compl
                           stdin=subprocess.DEVNULL)
 
 
-def test_run_local_validates_then_losing_server_2_fails_checks_3_and_7_and_stop_all_leaves_nothing(pyz_path, tmp_path):
+def _mock_demo(pyz_path, tmp_path) -> tuple[str, str, Path, dict]:
+    """Two free loopback addresses, the run directory and the environment of a demo on mocks."""
     s1, s2 = _two_addresses()
     run_dir = tmp_path / "run"
     env = {**os.environ, "RUN_DIR": str(run_dir), "INFINILM_PYZ": str(pyz_path), "INFINILM_PYTHON": sys.executable,
            "COLUMNS": "200", "READY_TIMEOUT": "30", "VALIDATE_WAIT": "20"}
+    return s1, s2, run_dir, env
+
+
+def test_run_local_validates_then_losing_server_2_fails_checks_3_and_7_and_stop_all_leaves_nothing(pyz_path, tmp_path):
+    s1, s2, run_dir, env = _mock_demo(pyz_path, tmp_path)
     try:
         first = _run("run-local.sh", s1, s2, env=env, timeout=90)
         out = first.stdout
@@ -231,10 +237,7 @@ def test_upstream_validate_sh_parsing_passes_and_validate_passes_right_after_a_r
     """Upstream's validate.sh checks, parsed its way (compact JSON, mock-service-X answers), pass against
     the demo; a backend its babysitter restarted after a crash is routed again at once, so a validate
     run right away passes."""
-    s1, s2 = _two_addresses()
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "RUN_DIR": str(run_dir), "INFINILM_PYZ": str(pyz_path), "INFINILM_PYTHON": sys.executable,
-           "COLUMNS": "200", "READY_TIMEOUT": "30", "VALIDATE_WAIT": "20"}
+    s1, s2, run_dir, env = _mock_demo(pyz_path, tmp_path)
     try:
         first = _run("run-local.sh", s1, s2, env=env, timeout=90)
         assert first.returncode == 0, first.stdout + first.stderr
