@@ -61,8 +61,9 @@ async def test_a_llama_server_killed_mid_stream_is_continued_on_another(engine, 
     await dep.start_router(policy="round_robin", health_interval=300)
     await dep.wait_routable(2)
     # ignore_eos: the tiny model may end early, and a stream that ends before the kill cannot migrate.
-    # 400 tokens: two whole streams fit the session's 60 s on a loaded 2-core machine (1,500 did not).
-    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 400, "temperature": 0,
+    # 1,000 tokens, the kill at the 2nd piece: with 400 the engine could finish the whole answer before
+    # the client read its 8th piece, leaving nothing to migrate; 1,500 did not fit 60 s under load.
+    body = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 1000, "temperature": 0,
             "ignore_eos": True, "stream": True}
     # The answer with no failure (same model on both, greedy sampling).
     expected, _, _ = await stream_text(dep.session, f"http://{HOST}:{port_b}/v1/completions", body)
@@ -73,7 +74,7 @@ async def test_a_llama_server_killed_mid_stream_is_continued_on_another(engine, 
 
     async def kill_serving(n: int, text: str) -> None:
         # The engine the router chose (the policy's starting point is not fixed): kill -9 it.
-        if n == 8 and not killed:
+        if n == 2 and not killed:
             _, stats, _ = await dep.get("/stats")
             serving = [sv["name"] for sv in stats["services"] if sv["in_flight"] == 1]
             assert len(serving) == 1, stats["services"]
