@@ -5,6 +5,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable
 
+from textual import work
 from textual.app import App
 from textual.binding import Binding
 from textual.reactive import reactive
@@ -92,7 +93,13 @@ class ConsoleApp(App):
     def _tick(self) -> None:
         self._timer = None
         if not self.paused:
-            self.run_worker(self.poll_once(), group="poll", exclusive=True, exit_on_error=False)
+            self._poll_worker()
+
+    @work(group="poll", exclusive=True, exit_on_error=False)
+    async def _poll_worker(self) -> None:
+        """One poll, as the only poll worker. Textual makes the coroutine when the worker starts, so
+        a worker replaced before it started leaves no coroutine that was never awaited."""
+        await self.poll_once()
 
     async def poll_once(self) -> None:
         """Poll the source once, publish the snapshot or the failure, and schedule the next poll."""
@@ -146,7 +153,7 @@ class ConsoleApp(App):
         if self.autopoll:
             self._arm(0)
         else:
-            self.run_worker(self.poll_once(), group="poll", exclusive=True, exit_on_error=False)
+            self._poll_worker()
         if self.status.connected is False:
             self.notify("reconnecting now", timeout=1.5)
 

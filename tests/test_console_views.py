@@ -570,3 +570,25 @@ async def test_log_follow_reconnects_after_babysitter_restart_without_repeating_
         assert any("log stream lost (ConnectionError: babysitter went away); reconnecting" in t for t in texts), texts
         for line in LOG:
             assert sum(t.endswith(line.line) for t in texts) == 1, (line.line, texts)
+
+
+async def test_pressing_R_twice_at_once_leaves_no_poll_coroutine_unawaited():
+    """The second R replaces the first poll before it ran (one poll at a time): the replaced poll
+    must not leave a coroutine that was never awaited (Python warns at collection; seen as a
+    RuntimeWarning in a suite run), and the poll that did run brings the data."""
+    import gc
+    import warnings
+
+    source = FakeSource()
+    app = make_app(source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with app.run_test(size=SIZE) as pilot:
+            app.action_reconnect()
+            app.action_reconnect()
+            await async_wait_for(lambda: _true(app.status.connected is True and not app.workers),
+                                 what="the second poll done")
+            assert app.polls == 1
+        gc.collect()
+    unawaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
+    assert not unawaited, unawaited
