@@ -35,12 +35,6 @@ def fleet_host(i: int) -> str:
     return f"{FLEET_NET[0]}.{FLEET_NET[1]}.{i // 250}.{i % 250 + 1}"
 
 
-
-
-
-
-
-
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -93,8 +87,6 @@ def record(i: int, port: int) -> dict:
     return {"name": f"fleet-{i}-server", "host": fleet_host(i), "port": port, "status": "running",
             "metadata": {"type": "openai-api", "role": "backend", "models": ["fleet-model"],
                          "models_list": [{"id": "fleet-model", "object": "model"}]}}
-
-
 
 
 class FleetChecks:
