@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 from ..config.router import RouterConfig
+from ..looplag import freeze_heap
 from .health import Health
 from .table import CLOSED, Backend, Table
 
@@ -90,6 +91,7 @@ class Discovery:
         # heartbeat, and dropping them meanwhile would fail every request for their models.
         self.grace_until = 0.0
         self.graced: set[str] = set()
+        self.added_unfrozen = 0     # backends added since the heap was last frozen
         self.skipped: dict[str, str] = {}   # record name -> why it is not used (logged once per reason)
         self.first_try = asyncio.Event()    # set once the registry's table is applied, or could not be had
 
@@ -104,13 +106,24 @@ class Discovery:
         self._finish(static, merge)
 
     async def apply_in_slices(self, records: list[dict]) -> None:
-        """`apply` for the registry's whole table, SLICE records at a time with the event loop free
-        in between: 10,000 records applied in one go would hold it for a good while."""
+        """`apply` for the registry's whole table, about SLICE_SECONDS of work at a time with the
+        event loop free in between: 10,000 records applied in one go would hold it for a good while."""
         merge = _Merge()
-        for i in range(0, len(records), SLICE):
-            if i:
+        clock = time.perf_counter
+        until = clock() + SLICE_SECONDS
+        for i in range(0, len(records), STEP):
+            if clock() > until:
                 await asyncio.sleep(0)
-            self._merge(records[i:i + SLICE], False, merge)
+                until = clock() + SLICE_SECONDS
+            self._merge(records[i:i + STEP], False, merge)
+            # A backend's objects live as long as it is registered: once a few hundred have come
+            # in, they are frozen, so the full collections a growing heap sets off do not walk the
+            # whole fleet again and again (8 of them, up to 90 ms each, taking in 10,000 backends).
+            if self.added_unfrozen >= FREEZE_ADDED:
+                self.added_unfrozen = 0
+                freeze_heap()
+        if len(records) > STEP:
+            await asyncio.sleep(0)     # the rebuild below takes about 10 ms at 10,000 backends
         self._finish(False, merge)
 
     def _merge(self, records: list[dict], static: bool, merge: "_Merge") -> None:
@@ -138,6 +151,7 @@ class Discovery:
             seen.add(name)
             if name not in t.backends:
                 t.backends[name] = b
+                self.added_unfrozen += 1
                 self.health.track(b)
                 merge.changed = True
                 log.info("backend %s: added (%s)", name, b.url)
@@ -267,7 +281,12 @@ class Discovery:
 
 
 WILDCARD = ("", "0.0.0.0", "::", "[::]")
-SLICE = 250   # registry records applied between two yields to the event loop
+# The registry's table is applied STEP records at a time, yielding to the event loop once
+# SLICE_SECONDS have passed. A fixed 250 records took 35-64 ms per turn while a 10,000-backend fleet
+# came in (new backends cost more than unchanged ones: objects, scheduling, a log line each).
+STEP = 25
+SLICE_SECONDS = 0.005
+FREEZE_ADDED = 250   # backends added between two freezes of the heap
 
 
 class _Merge:
