@@ -156,8 +156,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
     app[SESSION] = session
-    pool = Pool(config.connect_timeout, config.read_timeout, config.upstream_idle_timeout, config.upstream_max_idle)
-    app[PROXY].pool = pool
+    pool = app[PROXY].pool
     tasks = app[TASKS]
     try:
         app[DISCOVERY].load_static()
@@ -177,7 +176,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         reg = app[REGISTRATION]
         reg.registry, reg.name = registry, record["name"]
         reg.task = tasks.spawn("registration", lambda: keep_registered(registry, record, config.heartbeat_interval)).task
-    tasks.spawn("health-checks", lambda: app[HEALTH].run(pool))
+    tasks.spawn("health-checks", app[HEALTH].run)
     tasks.spawn("loop-lag", app[LAG].run)
     try:
         yield
@@ -208,8 +207,9 @@ def create_app(config: RouterConfig) -> web.Application:
         return policies[name]
 
     table = Table(policy_for, config.registry_url)
-    health = Health(config, table)
-    proxy = Proxy(config, table, health)
+    pool = Pool(config.connect_timeout, config.read_timeout, config.upstream_idle_timeout, config.upstream_max_idle)
+    health = Health(config, table, pool)
+    proxy = Proxy(config, table, health, pool)
     app[CONFIG] = config
     app[TABLE] = table
     app[HEALTH] = health

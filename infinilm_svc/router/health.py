@@ -20,11 +20,11 @@ _timeout = getattr(asyncio, "timeout", None)
 class Health:
     """Combines the active and passive signals into each backend's routability."""
 
-    def __init__(self, config: RouterConfig, table: Table) -> None:
+    def __init__(self, config: RouterConfig, table: Table, pool: Pool) -> None:
         self.config = config
         self.table = table
         self.path = config.health_path.encode()
-        self.pool: Pool | None = None
+        self.pool = pool
         self.probes: set[asyncio.Task] = set()
         self.running = 0                         # probes in flight
         self.due: list[tuple[float, int, Backend]] = []   # heap of (loop time, tie-break, backend)
@@ -101,7 +101,7 @@ class Health:
         b.check_due = asyncio.get_running_loop().time() + delay
         heapq.heappush(self.due, (b.check_due, next(self.seq), b))
 
-    async def run(self, pool: Pool) -> None:
+    async def run(self) -> None:
         """Check each backend once per `health_interval`, at its own phase, forever.
 
         The checks are spread over the interval, at most `health_concurrency` run at once and at
@@ -113,7 +113,6 @@ class Health:
         probed at once, so a hung backend (accepting, never answering) is out of rotation about
         `unhealthy_threshold` probe timeouts after it was first suspected.
         """
-        self.pool = pool
         loop = asyncio.get_running_loop()
         for b in self.table.backends.values():
             if not b.check_due:
@@ -160,7 +159,7 @@ class Health:
     def probe_soon(self, b: Backend) -> bool:
         """Start a probe of `b` unless one is running, or the registry says it is not running (it is
         not routable then anyway, and a backend still starting would collect failed checks)."""
-        if b.probing or self.pool is None or (b.state != "running" and not b.static):
+        if b.probing or (b.state != "running" and not b.static):
             return False
         b.probing = True
         self.running += 1
@@ -177,15 +176,13 @@ class Health:
         for b in self.table.backends.values():
             if b.active_ok and not b.probing and now - b.suspect_probe > limit:
                 suspect = bool(b.pending) and now - min(r.sent_at for r in b.pending) > limit
-                if suspect or (silent and self.pool is not None and self.pool.target(b.url) in silent):
+                if suspect or (silent and self.pool.target(b.url) in silent):
                     b.suspect_probe = now
                     self.probe_soon(b)
 
     def _silent_streams(self, now: float):
         """(connection, reply) of the answers under way whose backend has sent nothing for longer
         than health_timeout (not counting time paused for our own slow client)."""
-        if self.pool is None:
-            return
         limit = self.config.health_timeout
         for conn in list(self.pool.busy):
             r = conn.reply
@@ -240,8 +237,6 @@ class Health:
             reply.fail(BackendHung(f"{why} while this request waited for its answer"))
             reply.conn.close()
         b.pending.clear()
-        if self.pool is None:
-            return
         key = self.pool.target(b.url)
         now = asyncio.get_running_loop().time()
         for conn, reply in list(self._silent_streams(now)):
@@ -254,7 +249,6 @@ class Health:
         check holds no pooled connection (thousands of backends would hold thousands of sockets)
         and costs a fraction of a client library's request."""
         pool = self.pool
-        assert pool is not None
         loop = asyncio.get_running_loop()
         key = pool.target(b.url)
         t0 = time.monotonic()

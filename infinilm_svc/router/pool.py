@@ -26,7 +26,6 @@ class Pool:
 
     def __init__(self, connect_timeout: float, read_timeout: float, keepalive: float = 30.0,
                  max_idle: int = 32) -> None:
-        self.loop = asyncio.get_running_loop()
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.keepalive = keepalive
@@ -38,6 +37,11 @@ class Pool:
         self.busy: set[Connection] = set()        # connections waiting on an answer
         self._watchdog: asyncio.TimerHandle | None = None
         self.tick = min(1.0, read_timeout / 4)    # how often the idle (read) timeout is checked
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop: a pool is built with its app, before any loop runs it."""
+        return asyncio.get_running_loop()
 
     def _watch(self) -> None:
         """The idle watchdog of every busy connection (runs while any connection is busy)."""

@@ -183,11 +183,11 @@ class StreamRelay:
 class Proxy:
     """Forwards client requests to backends chosen by the table's policies."""
 
-    def __init__(self, config: RouterConfig, table: Table, health: Health) -> None:
+    def __init__(self, config: RouterConfig, table: Table, health: Health, pool: Pool) -> None:
         self.config = config
         self.table = table
         self.health = health
-        self.pool: Pool | None = None
+        self.pool = pool
         self.keys = KeyRing(config.api_keys) if config.api_keys else None
         self.attempts = config.retries + 1
         self.id_prefix = os.urandom(4).hex()
@@ -283,7 +283,6 @@ class Proxy:
         loop = asyncio.get_running_loop()
         config = self.config
         pool = self.pool
-        assert pool is not None
         method = request.method.encode()
         path = adm.path.encode()
         policy = adm.group.policy
@@ -451,7 +450,6 @@ class Proxy:
                     ex.rid, ex.backend, progress.tokens, b.name)
         ex.backend = b.name
         pool = self.pool
-        assert pool is not None
         b.stats.in_flight += 1
         b.stats.request_count += 1
         try:
