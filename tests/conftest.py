@@ -51,12 +51,24 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.stem not in HEAVY)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test, so fixtures can tell at teardown that it failed."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def procs(tmp_path):
-    """Start processes with procs.start([...]) or procs.pyz(...); all are killed at teardown."""
+def procs(request, tmp_path):
+    """Start processes with procs.start([...]) or procs.pyz(...); all are killed at teardown. When
+    the test failed, the end of each process's log is printed (shown with the failure, so a
+    failure seen only in CI can be diagnosed from its output)."""
     group = ProcessGroup(tmp_path)
     yield group
     group.kill_all()
+    if any(getattr(getattr(request.node, f"report_{when}", None), "failed", False) for when in ("setup", "call")):
+        group.print_log_tails()
 
 
 @pytest.fixture(scope="session")

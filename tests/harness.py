@@ -159,6 +159,16 @@ class ProcessGroup:
     def output(proc: subprocess.Popen) -> str:
         return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
+    def print_log_tails(self, lines: int = 25) -> None:
+        for proc, log in self.procs:
+            try:
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+            except OSError as exc:
+                tail = [f"(log unreadable: {exc})"]
+            print(f"----- {log.name}: {' '.join(map(str, proc.args))[:160]} (exit {proc.returncode}); last "
+                  f"{len(tail)} lines -----")
+            print("\n".join(tail))
+
     def kill_all(self) -> None:
         for proc, _ in self.procs:
             if proc.poll() is None:
