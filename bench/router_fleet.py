@@ -28,6 +28,7 @@ from pathlib import Path
 import aiohttp
 
 from benchlib import ROOT, cpu_seconds, free_port, pct, wait_http
+
 FLEET_NET = (127, 64)
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from benchlib import HOST, ROOT, cpu_seconds, free_port, wait_http  # noqa: F401 - also used by migration_cost
+
 CHAT = {"model": "bench-model", "messages": [{"role": "user", "content": "Say hello in one short sentence."}]}
 
 
@@ -323,7 +324,7 @@ def main(argv: list[str]) -> int:
               f"{'+p50 c' + str(a.concurrency):>9} {'+p99 c' + str(a.concurrency):>9} {'req/s':>7} {'RSS MB':>7} {'errors':>6}")
         print(f"{'direct to backend':42} {'-':>10} {'-':>8} {d1['p50_ms']:8.2f} {d1['p99_ms']:8.2f} "
               f"{d64['p50_ms']:9.2f} {d64['p99_ms']:9.2f} {d64['rps']:7.0f} {'-':>7} {0:6d}")
-        for label, (plain, stream, serial, per_chunk, errs) in rows.items():
+        for label, (plain, _stream, serial, per_chunk, errs) in rows.items():
             chunk = "-" if "backends" in label else f"{per_chunk:8.1f}"
             print(f"{label:42} {plain['cpu_us_per_req']:10.1f} {chunk:>8} {serial['p50_ms'] - d1['p50_ms']:8.2f} "
                   f"{serial['p99_ms'] - d1['p99_ms']:8.2f} {plain['p50_ms'] - d64['p50_ms']:9.2f} "

@@ -304,7 +304,7 @@ def test_restart_stop_start_need_the_token(procs, tmp_path):
     assert http_json("POST", f"{base}/start", headers=auth)[0] == 202
     wait_for(lambda: status(port)["state"] == "running", what="running again")
     code, text = http_get_json(f"{base}/metrics")
-    assert f'infinilm_babysitter_backend_up{{name="bs-tok"}} 1' in text
+    assert 'infinilm_babysitter_backend_up{name="bs-tok"} 1' in text
     assert 'infinilm_babysitter_restarts_total{name="bs-tok"} 2' in text
     m = metrics(port)
     name = (("name", "bs-tok"),)

@@ -129,7 +129,7 @@ async def test_a_follower_that_does_not_read_is_dropped_not_buffered():
     book = LogBook("bs", ring_lines=100)
     _, slow = book.follow(0, limit=50_000)
     _, fast = book.follow(0, limit=50_000)
-    for i in range(100):
+    for _ in range(100):
         book.add("stdout", "b" * 1000)
         while not fast.empty():
             fast.get_nowait()

@@ -7,9 +7,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from harness import async_wait_for
-
 from console.poller import Poller
+from harness import async_wait_for
 from infinilm_svc.client.babysitter import BabysitterClient, BabysitterError
 from infinilm_svc.config.registry import RegistryConfig
 from infinilm_svc.registry.app import create_app as create_registry

@@ -8,10 +8,10 @@ import uuid
 
 import pytest
 
-from harness import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for, write_toml
-from console_pilot import ask_action
 from console.app import ConsoleApp
 from console.source import HttpSource
+from console_pilot import ask_action
+from harness import ROOT, ProcessGroup, async_wait_for, free_port, http_get_json, http_json, wait_for, write_toml
 
 HOST = "127.0.0.1"
 TOKEN = "console-test-token"

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from console.app import ConsoleApp
-from harness import async_wait_for
 from console.rows import Latency, ModelRow, Point, Route, ServiceRow, Snapshot
 from console_pilot import ask_action
+from harness import async_wait_for
 from infinilm_svc.client.babysitter import LogLine
 
 T0 = 1_700_000_000.0
@@ -583,7 +583,7 @@ async def test_pressing_R_twice_at_once_leaves_no_poll_coroutine_unawaited():
     app = make_app(source)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        async with app.run_test(size=SIZE) as pilot:
+        async with app.run_test(size=SIZE):
             app.action_reconnect()
             app.action_reconnect()
             await async_wait_for(lambda: _true(app.status.connected is True and not app.workers),

@@ -12,9 +12,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzz_http import (
+    AUTH_HEADERS,
+    BODIES,
+    NAMES,
+    RAW_REQUESTS,
+    RECORDS,
+    check_answer,
+    check_raw_answer,
+    encode_json,
+    path_segment,
+    request,
+    send_raw,
+    strict_json,
+)
 from harness import free_port, http_get_json, wait_for, write_toml
-from fuzz_http import (AUTH_HEADERS, BODIES, NAMES, RAW_REQUESTS, RECORDS, check_answer, check_raw_answer,
-                       encode_json, path_segment, request, send_raw, strict_json)
 from test_babysitter import MOCK, start_babysitter, write_babysitter
 
 HOST = "127.0.0.1"

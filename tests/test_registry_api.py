@@ -8,9 +8,8 @@ import json
 import pytest
 from aiohttp import web
 
-from infinilm_svc.registry.app import create_app
-
 from harness import async_wait_for
+from infinilm_svc.registry.app import create_app
 
 
 def rec(name="svc-a", host="10.1.2.3", port=8100, **kw):

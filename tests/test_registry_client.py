@@ -7,9 +7,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from infinilm_svc.client.registry import RegistryClient, RegistryRejected, RegistryUnavailable, registry_urls
-
 from harness import free_port
+from infinilm_svc.client.registry import RegistryClient, RegistryRejected, RegistryUnavailable, registry_urls
 
 
 def test_registry_urls_accepts_a_string_a_comma_list_or_a_list():

@@ -14,10 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness import free_port, http_get_json, http_json, wait_for, write_toml
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
-
-from harness import free_port, http_get_json, http_json, wait_for, write_toml
 from test_registry_state import saved_names
 
 PY = sys.executable

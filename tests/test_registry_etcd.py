@@ -9,12 +9,11 @@ import uuid
 import aiohttp
 import pytest
 
+from etcd_cluster import EtcdCluster
+from harness import async_wait_for, free_port
 from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 from infinilm_svc.runtime import StartupError
-
-from harness import async_wait_for, free_port
-from etcd_cluster import EtcdCluster
 
 
 def rec(name="svc", status="running", **kw):

@@ -11,10 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from infinilm_svc.client.registry import RegistryClient
-
-from harness import async_wait_for, free_port, http_get_json, wait_for, write_toml
 from etcd_cluster import EtcdCluster
+from harness import async_wait_for, free_port, http_get_json, wait_for, write_toml
+from infinilm_svc.client.registry import RegistryClient
 
 PY = sys.executable
 FAST_BS = {"heartbeat_interval": 0.5, "health_interval": 0.5, "restart_delay": 0.2}

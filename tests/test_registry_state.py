@@ -7,7 +7,6 @@ from infinilm_svc.config import RegistryConfig
 from infinilm_svc.registry.app import create_app
 
 
-
 async def test_table_survives_a_restart(aiohttp_client, tmp_path):
     state = tmp_path / "state" / "registry.json"
     cfg = RegistryConfig(state_file=str(state), probe_interval=0)

@@ -7,9 +7,8 @@ import asyncio
 
 import pytest
 
-from infinilm_svc.registry.app import create_app
-
 from harness import async_wait_for
+from infinilm_svc.registry.app import create_app
 
 
 def rec(name="svc", status="running"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from itertools import pairwise
 
 from harness import async_wait_for
 from router_harness import Deployment, dep  # noqa: F401 (dep: a fixture)
@@ -18,7 +19,7 @@ async def test_round_robin_alternates_per_model(dep):
         for model in ("m1", "m2"):
             seen[model].append(await dep.chat(model))
     for model, seq in seen.items():
-        assert all(x != y for x, y in zip(seq, seq[1:])), f"{model}: {seq}"
+        assert all(x != y for x, y in pairwise(seq)), f"{model}: {seq}"
         assert set(seq) == {"a", "b"}
 
 
@@ -319,6 +320,7 @@ async def test_access_log_batch_writes_one_formatted_line_per_request():
     """Through a plain stream handler, lines of one loop turn are written together, each with every field."""
     import io
     import logging
+
     from infinilm_svc.router.access import AccessLog
     logger = logging.getLogger("test.router.access.batch")
     stream = io.StringIO()

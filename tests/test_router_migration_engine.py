@@ -7,8 +7,8 @@ import signal
 
 import aiohttp
 
-from harness import async_wait_for, free_port
 from engine import engine  # noqa: F401 (a fixture)
+from harness import async_wait_for, free_port
 from router_harness import HOST, dep  # noqa: F401 (a fixture)
 
 
@@ -55,7 +55,7 @@ async def test_a_llama_server_killed_mid_stream_is_continued_on_another(engine, 
         except aiohttp.ClientError:
             return False
     for port in (port_a, port_b):
-        await async_wait_for(lambda: up(port), timeout=30, what="llama-server ready")
+        await async_wait_for(lambda port=port: up(port), timeout=30, what="llama-server ready")
     await dep.register("a-engine", port_a, ["tiny"])
     await dep.register("b-engine", port_b, ["tiny"])
     await dep.start_router(policy="round_robin", health_interval=300)

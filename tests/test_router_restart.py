@@ -15,7 +15,6 @@ from harness import async_wait_for, free_port, write_toml
 from router_harness import HOST, backend_record, dep  # noqa: F401 (a fixture)
 from test_router_proxy import start_mock_process
 
-
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
 

@@ -8,10 +8,11 @@ import asyncio
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from fuzz_http import BODIES, RAW_REQUESTS, check_answer, check_raw_answer, request, send_raw
-from hypothesis import HealthCheck, given, settings
 from router_harness import HOST, Deployment, dep  # noqa: F401 (dep: a fixture)
+
 
 # Needs changes in the router's front door (proxy.py, app.py), which is being replaced: drop the mark then.
 def _port(dep: Deployment) -> int:

@@ -5,11 +5,11 @@ import asyncio
 
 import pytest
 
+from harness import free_port
 from infinilm_svc.router.connection import Connection
 from infinilm_svc.router.failures import ConnectError, ConnectionBroken, ReadTimeout
 from infinilm_svc.router.pool import Pool
 from infinilm_svc.router.reply import Reply
-from harness import free_port
 
 
 def request(pool: Pool, url: str, method: str = "GET", path: str = "/", body: bytes = b"",

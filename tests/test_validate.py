@@ -12,13 +12,12 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from harness import async_wait_for, free_port
 from infinilm_svc import validate
 from infinilm_svc.client.registry import RegistryClient
 from infinilm_svc.config import BabysitterConfig, BackendConfig, RegistryConfig, RouterConfig, SupervisionConfig
 from infinilm_svc.runtime import HostedApp, start_app
 from infinilm_svc.validate import CheckResult, ExpectedService, ValidateOptions, run_checks
-
-from harness import async_wait_for, free_port
 
 
 def _loopback_pair() -> tuple[str, str]:

@@ -7,16 +7,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from harness import async_wait_for, free_port
 from infinilm_svc.client.babysitter import BabysitterClient
 from infinilm_svc.client.registry import RegistryClient
 from infinilm_svc.config import RegistryConfig, RouterConfig
 from infinilm_svc.registry.app import create_app as create_registry
 from infinilm_svc.router.app import create_app as create_router
+from infinilm_svc.runtime import HostedApp, start_app
 from infinilm_svc.validate import ValidateOptions
 from infinilm_svc.validate.deployment import Run, chat, refresh_records
-
-from harness import async_wait_for, free_port
-from infinilm_svc.runtime import HostedApp, start_app
 
 
 def real_model_backend(*, name_in_answer: str | None = None) -> web.Application:
