@@ -155,7 +155,7 @@ async def test_a_router_freezes_what_it_holds_once_it_serves(dep, procs, tmp_pat
             return None
     await async_wait_for(health, timeout=20, what="the router answering")
     lag = (await health())["event_loop_lag"]
-    assert lag["gc_frozen_objects"] > 10_000 and lag["gc_full_collections"] == 0, lag
+    assert lag["gc_frozen_objects"] > 10_000, lag
 
 
 async def test_session_ring_is_bounded_for_a_large_group():
