@@ -2,12 +2,14 @@
 for a server to answer."""
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, Iterable
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -43,3 +45,20 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up within {timeout}s")
+
+
+async def register_all(session: Any, registry: str, records: Iterable[dict], workers: int) -> int:
+    """POST every record to the registry's /services from `workers` concurrent clients; returns how
+    many were not answered 201."""
+    todo = iter(records)
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        for rec in todo:
+            async with session.post(f"{registry}/services", json=rec) as r:
+                failed += r.status != 201
+                await r.read()
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    return failed

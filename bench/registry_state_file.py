@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchlib import ROOT, cpu_seconds, free_port, pct
+from benchlib import ROOT, cpu_seconds, free_port, pct, register_all
 
 
 def record(i: int) -> dict:
@@ -35,18 +35,8 @@ def record(i: int) -> dict:
 async def run(args: argparse.Namespace, base: str, pid: int) -> None:
     conn = aiohttp.TCPConnector(limit=args.concurrency + 4)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as s:
-        queue = iter(range(args.services))
-        failed = 0
-
-        async def register() -> None:
-            nonlocal failed
-            for i in queue:
-                async with s.post(f"{base}/services", json=record(i)) as r:
-                    failed += r.status != 201
-                    await r.read()
-
         t0 = time.perf_counter()
-        await asyncio.gather(*(register() for _ in range(args.concurrency)))
+        failed = await register_all(s, base, (record(i) for i in range(args.services)), args.concurrency)
         took = time.perf_counter() - t0
         print(f"registered {args.services} services in {took:.1f} s ({args.services / took:.0f}/s, "
               f"{failed} not 201), each answered once on disk")

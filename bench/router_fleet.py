@@ -27,7 +27,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchlib import ROOT, cpu_seconds, free_port, pct, wait_http
+from benchlib import ROOT, cpu_seconds, free_port, pct, register_all, wait_http
 
 FLEET_NET = (127, 64)
 
@@ -134,18 +134,8 @@ async def measure(args: argparse.Namespace, reg: str, router: str, router_pid: i
     follow = asyncio.create_task(fleet.follow())
     conn = aiohttp.TCPConnector(limit=64)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
-        todo = iter(range(args.backends))
-        failed = 0
-
-        async def register() -> None:
-            nonlocal failed
-            for i in todo:
-                async with s.post(f"{reg}/services", json=record(i, args.fleet_port)) as r:
-                    failed += r.status != 201
-                    await r.read()
-
         t0 = time.perf_counter()
-        await asyncio.gather(*(register() for _ in range(32)))
+        failed = await register_all(s, reg, (record(i, args.fleet_port) for i in range(args.backends)), 32)
         print(f"registered {args.backends} backends in {time.perf_counter() - t0:.1f} s ({failed} not 201)")
         deadline = time.monotonic() + 300
         while True:
