@@ -162,12 +162,13 @@ async def test_a_starting_router_listens_only_once_it_has_the_registry_table(aio
     4,583 requests in a full-suite run, and in bench/chaos.py)."""
     from aiohttp import web
     port = await dep.start_mock("a", ["m"], register=False)
+    asked, release = asyncio.Event(), asyncio.Event()
 
     async def services(request: web.Request) -> web.Response:
         if "wait" in request.query:
-            await asyncio.sleep(5)
-        else:
-            await asyncio.sleep(0.5)       # a registry slower than the router's start
+            await asyncio.Event().wait()   # a watch with nothing new: held until the test ends
+        asked.set()
+        await release.wait()               # the registry's first answer comes when the test says so
         body = {"services": [backend_record("a", port, ["m"])], "total": 1, "index": 1}
         return web.json_response(body, headers={"X-Registry-Index": "1"})
 
@@ -181,6 +182,13 @@ async def test_a_starting_router_listens_only_once_it_has_the_registry_table(aio
     slow.router.add_delete("/services/{name}", accept)
     registry = await aiohttp_server(slow, host=HOST)
     dep.registry_url = f"http://{HOST}:{registry.port}"
-    await dep.start_router()
+    start = asyncio.create_task(dep.start_router())
+    await async_wait_for(asked.is_set, timeout=10, what="the router asking the registry for its table")
+    # While the answer is held the router must not come up (it would for up to 5 s, FIRST_SYNC_WAIT);
+    # one that does not wait finishes starting at once.
+    done, _ = await asyncio.wait({start}, timeout=1.0)
+    assert not done, "the router started listening before it had the registry's table"
+    release.set()
+    await asyncio.wait_for(start, 10)
     status, body, _ = await dep.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200, body
