@@ -71,6 +71,8 @@ class Registration:
             "restarts": s.restarts, "pid": s.pid,
             "started_at": round(proc.started_at, 3) if proc is not None else None,
         }
+        if s.total_slots:
+            meta["total_slots"] = s.total_slots     # routers place requests in the engine's slots
         if self.config.backend.type == "mock":
             # Who answers "Hello from <name>": lets validate tell which backend served a request.
             meta["mock_name"] = self.config.backend.mock_name or self.config.service_name

@@ -86,6 +86,7 @@ class Supervisor:
         self.running_since: float | None = None   # unix time the backend became ready
         self.state_since = time.time()
         self.models_list: list[dict] = self._declared_models()
+        self.total_slots: int | None = None   # requests the engine runs at once, as its /props says
         self.listeners: list[Callable[[str], None]] = []
         self._desired = True
         self._restart_now = False          # a restart was requested: no back-off, no failure counted
@@ -335,7 +336,10 @@ class Supervisor:
             if (why := self._interrupted()) is not None:
                 return why
             if await self._probe(ready=True):
-                return "exited" if proc.returncode is not None else "ready"
+                if proc.returncode is not None:
+                    return "exited"
+                await self._read_slots()
+                return "ready"
             if time.monotonic() >= deadline:
                 return f"not ready within ready_timeout = {self.policy.ready_timeout:g} s"
             await self._wait_exit_or_wake(proc, min(pause, max(0.0, deadline - time.monotonic())))
@@ -370,6 +374,13 @@ class Supervisor:
                 self._set_state(UNRESPONSIVE)
             if failed >= self.policy.liveness_failures:
                 return f"not answering: {failed} liveness probes failed"
+
+    async def _read_slots(self) -> None:
+        """The engine's slot count from its /props (llama-server's `total_slots`), read once it is
+        ready: routers use it to place requests in slots. An engine without /props has none."""
+        body = await self.get_json("/props")
+        n = body.get("total_slots") if isinstance(body, dict) else None
+        self.total_slots = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
     async def _probe(self, ready: bool) -> bool:
         """One readiness/liveness probe; on readiness the model list is (re-)read.

@@ -57,7 +57,8 @@ class RouterConfig:
     cache_balance_abs: int = 8              # ... and more than this many requests over the least
     cache_block_chars: int = 64             # cache_aware: granularity of the approximate prefix tree
     cache_max_chars: int = 65536            # cache_aware: prompt text beyond this is not indexed
-    cache_max_entries: int = 200000         # cache_aware: prefix blocks remembered per model (LRU)
+    cache_max_entries: int = 200000         # cache_aware: prefix blocks remembered per engine beyond its slots (LRU, learned below this)
+    cache_pin_slots: bool = True            # cache_aware: send each request to a chosen slot on engines that report slots
     session_header: str = "X-Session-ID"    # session policy key header (after prompt_cache_key)
     cache_type_threshold: int = 51200       # bytes of message text above which "static" pools are used
     access_log: bool = True

@@ -20,12 +20,21 @@ from aiohttp import web
 from ..errors import ApiError, error_response, expect_continue, read_json_object
 from ..wire import dumps, json_response
 from .options import MockOptions
+from .slots import Lease, SlotEngine
 
 log = logging.getLogger(__name__)
 
 OPTIONS = web.AppKey("mock_options", MockOptions)
 
 _FILLER = ("and", "so", "on", "more", "words", "to", "stream")
+# The request fields OpenAI defines for chat, completions and embeddings (what --strict-fields accepts).
+OPENAI_FIELDS = frozenset({
+    "model", "messages", "prompt", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+    "top_p", "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
+    "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format", "suffix", "echo", "best_of",
+    "service_tier", "store", "metadata", "prompt_cache_key", "reasoning_effort", "modalities", "audio",
+    "prediction", "web_search_options", "safety_identifier", "verbosity", "input", "encoding_format",
+    "dimensions"})
 _BEGUN_BY = re.compile(r"Hello from (\S+)")
 
 
@@ -44,6 +53,7 @@ class MockState:
         self.health_body = dumps({"status": "healthy", "service": options.name,
                                        "models": list(options.models)})
         self._pieces: dict[str, list[str]] = {}
+        self.engine = SlotEngine(options.slots, options.prefill_ms_per_token) if options.slots else None
 
     def pieces(self, model: str, name: str | None = None) -> list[str]:
         """The answer of mock `name` (this one by default) for `model`, cut into the chunks a stream
@@ -149,6 +159,11 @@ async def _request_body(request: web.Request) -> tuple[dict, str]:
     if model not in state.models:
         raise ApiError(404, f"The model '{model}' does not exist on {state.options.name}",
                        code="model_not_found")
+    if state.options.strict_fields:
+        unknown = sorted(k for k in body if k not in OPENAI_FIELDS)
+        if unknown:
+            raise ApiError(400, f"Unrecognized request argument supplied: {', '.join(unknown)}",
+                           code="unknown_parameter")
     if state.options.fail_rate > 0 and random.random() < state.options.fail_rate:
         raise ApiError(500, f"injected failure on {state.options.name}", "server_error", code="injected_failure")
     return body, model
@@ -164,8 +179,12 @@ def _count_words(value: Any) -> int:
     return 1
 
 
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, lease: Lease | None = None) -> dict:
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+    if lease is not None:
+        out["prompt_tokens_details"] = lease.usage_details()
+    return out
 
 
 def _limit(body: dict) -> int | None:
@@ -188,7 +207,24 @@ async def _die(request: web.Request, why: str) -> None:
 
 
 async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens: int,
-                    include_usage: bool, pieces: list[str], limit: int | None) -> web.StreamResponse:
+                    include_usage: bool, pieces: list[str], limit: int | None,
+                    lease: Lease | None = None) -> web.StreamResponse:
+    state = request.app[STATE]
+    if lease is None:
+        return await _answer(request, model, chat, prompt_tokens, include_usage, pieces, limit, None)
+    assert state.engine is not None
+    done = False
+    try:
+        resp = await _answer(request, model, chat, lease.prompt_tokens, include_usage, pieces, limit, lease)
+        done = True
+        return resp
+    finally:
+        # What the slot holds afterwards: the prompt, and the answer when it was generated whole.
+        state.engine.release(lease, "".join(pieces) if done else "")
+
+
+async def _answer(request: web.Request, model: str, chat: bool, prompt_tokens: int, include_usage: bool,
+                  pieces: list[str], limit: int | None, lease: Lease | None) -> web.StreamResponse:
     state = request.app[STATE]
     opts = state.options
     finish = "stop"
@@ -209,7 +245,9 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                "usage": _usage(prompt_tokens, len(pieces))}
+                "usage": _usage(prompt_tokens, len(pieces), lease)}
+        if lease is not None:
+            body["timings"] = lease.timings(len(pieces))
         if die is not None:
             raw = dumps(body).encode()
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -246,8 +284,11 @@ async def _generate(request: web.Request, model: str, chat: bool, prompt_tokens:
             out.append(event({"index": 0, "text": piece, "logprobs": None, "finish_reason": None}))
     final = {"index": 0, "delta": {}, "finish_reason": finish} if chat else \
         {"index": 0, "text": "", "logprobs": None, "finish_reason": finish}
-    usage = _usage(prompt_tokens, len(pieces))
-    out.append(event(final, usage=usage))
+    usage = _usage(prompt_tokens, len(pieces), lease)
+    if lease is not None:
+        out.append(event(final, usage=usage, timings=lease.timings(len(pieces))))
+    else:
+        out.append(event(final, usage=usage))
     if include_usage:
         out.append(b"data: " + dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
     out.append(b"data: [DONE]\n\n")
@@ -286,7 +327,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if rest is None:
             raise ApiError(400, "cannot continue that final assistant message", code="invalid_continuation")
         pieces = rest
-    return await _generate(request, model, True, _count_words(messages), _include_usage(body), pieces, _limit(body))
+    limit = _limit(body)
+    lease = await state.engine.acquire(body) if state.engine is not None else None
+    return await _generate(request, model, True, _count_words(messages), _include_usage(body), pieces, limit, lease)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -305,7 +348,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         rest = state.continuation(model, text[begun:])
         if rest is not None:
             pieces = rest
-    return await _generate(request, model, False, _count_words(prompt), _include_usage(body), pieces, _limit(body))
+    limit = _limit(body)
+    lease = await state.engine.acquire(body) if state.engine is not None else None
+    return await _generate(request, model, False, _count_words(prompt), _include_usage(body), pieces, limit, lease)
 
 
 def _embedding(text: str, dim: int) -> list[float]:
@@ -346,6 +391,22 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(text=request.app[STATE].health_body, content_type="application/json")
 
 
+async def props(request: web.Request) -> web.Response:
+    """llama-server's /props, as far as the slot emulation goes (404 without slots, as other engines)."""
+    engine = request.app[STATE].engine
+    if engine is None:
+        raise web.HTTPNotFound()
+    return json_response(engine.props())
+
+
+async def slots(request: web.Request) -> web.Response:
+    """llama-server's /slots: whether each slot is at work."""
+    engine = request.app[STATE].engine
+    if engine is None:
+        raise web.HTTPNotFound()
+    return json_response(engine.status())
+
+
 async def _release_hung(app: web.Application) -> None:
     """On shutdown, hung requests end at once rather than holding the graceful stop."""
     app[STATE].hung.set()
@@ -364,4 +425,6 @@ def create_app(options: MockOptions) -> web.Application:
         r.add_post(f"{prefix}/completions", completions, expect_handler=expect_continue)
         r.add_post(f"{prefix}/embeddings", embeddings, expect_handler=expect_continue)
     r.add_get("/health", health)
+    r.add_get("/props", props)
+    r.add_get("/slots", slots)
     return app

@@ -27,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="drop the connection after N content chunks of every answer (half the body when not streamed)")
     p.add_argument("--startup-delay", type=float, default=0.0, metavar="S", help="seconds before listening")
     p.add_argument("--embedding-dim", type=int, default=16, metavar="N")
+    p.add_argument("--slots", type=int, default=0, metavar="N",
+                   help="behave like an engine with N slots and a prompt cache: requests run N at a time, "
+                        "`id_slot` picks the slot, cached prompt tokens are reported (default 0: no slots)")
+    p.add_argument("--prefill-ms-per-token", type=float, default=0.0, metavar="MS",
+                   help="with --slots: time per prompt token not in the slot's cache")
+    p.add_argument("--strict-fields", action="store_true",
+                   help="answer 400 to request fields OpenAI does not define (such as id_slot)")
     p.add_argument("--loop", default=default_loop(), choices=LOOPS, help="event loop (default: uvloop where available)")
     # Accepted for compatibility with the upstream mock_service.py; the babysitter registers it.
     p.add_argument("--registry-url", default=None, help=argparse.SUPPRESS)
@@ -50,14 +57,17 @@ def parse_options(argv: list[str]) -> MockOptions:
     for flag in ("crash_after", "hang_after", "die_mid_stream_after"):
         if getattr(a, flag) is not None and getattr(a, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(a, flag)}")
-    for flag in ("latency", "chunk_interval", "startup_delay"):
+    if a.slots < 0:
+        p.error(f"--slots must be >= 0, got {a.slots}")
+    for flag in ("latency", "chunk_interval", "startup_delay", "prefill_ms_per_token"):
         if getattr(a, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0")
     return MockOptions(name=a.name, port=a.port, models=models, host=a.host, latency=a.latency,
                        chunks=a.chunks, chunk_interval=a.chunk_interval, fail_rate=a.fail_rate,
                        crash_after=a.crash_after, hang_after=a.hang_after, startup_delay=a.startup_delay,
                        die_mid_stream_after=a.die_mid_stream_after,
-                       embedding_dim=a.embedding_dim)
+                       embedding_dim=a.embedding_dim, slots=a.slots, prefill_ms_per_token=a.prefill_ms_per_token,
+                       strict_fields=a.strict_fields)
 
 
 async def _run(options: MockOptions) -> int:

@@ -21,3 +21,6 @@ class MockOptions:
     die_mid_stream_after: int | None = None  # drop the connection after this many content chunks
     startup_delay: float = 0.0      # seconds before it starts listening
     embedding_dim: int = 16
+    slots: int = 0                  # emulate an engine with this many slots and a prompt cache (0: none)
+    prefill_ms_per_token: float = 0.0   # with slots: time per uncached prompt token
+    strict_fields: bool = False     # refuse request fields OpenAI does not define (400), as strict servers do

@@ -203,7 +203,7 @@ def create_app(config: RouterConfig) -> web.Application:
     def policy_for(model: str) -> object:
         name = config.model_policies.get(model, config.policy)
         if name not in policies:
-            policies[name] = make_policy(name, config)
+            policies[name] = make_policy(name, config, lambda b, done: health.read_props(b, done))
         return policies[name]
 
     table = Table(policy_for, config.registry_url)

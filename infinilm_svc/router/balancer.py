@@ -2,58 +2,39 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
+import time
 from bisect import bisect_left
-from collections import OrderedDict
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
+
+from .kvmodel import CacheIndex, EngineCache, Placement, Revisits
+from .prompt import PromptKey, prompt_key, session_of
 
 if TYPE_CHECKING:
     from ..config.router import RouterConfig
     from .table import Backend, Group
 
+# Asks a backend's engine for its slot count in the background: (backend, callback with the count or None).
+PropsReader = Callable[["Backend", Callable[[int | None], None]], None]
+log = logging.getLogger(__name__)
+
 _NOTHING: frozenset = frozenset()
 
 
-def content_texts(content: Any) -> list[str]:
-    """The text pieces of one message's `content`: a string, or a list of parts with `text`/`content`."""
-    if isinstance(content, str):
-        return [content]
-    if not isinstance(content, list):
-        return []
-    return [v for p in content if isinstance(p, dict) for k in ("text", "content")
-            if isinstance(v := p.get(k), str)]
-
-
-def message_text(data: dict) -> str | None:
-    """The prompt text of a chat or completion request (for prefix matching), or None."""
-    msgs = data.get("messages")
-    if isinstance(msgs, list):
-        parts = []
-        for m in msgs:
-            if isinstance(m, dict):
-                parts.extend(content_texts(m.get("content")))
-                parts.append("\x1e")  # message boundary
-        return "".join(parts)
-    prompt = data.get("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return "\x1e".join(prompt)
-    return None
-
-
 class Route:
-    """The routing fields of one request (parsed once)."""
+    """The routing fields of one request (parsed once), and where the cache model placed it."""
 
-    __slots__ = ("model", "session_key", "text", "in_flight")
+    __slots__ = ("model", "session_key", "prompt", "in_flight", "placement")
 
-    def __init__(self, model: str, session_key: str | None = None, text: str | None = None) -> None:
+    def __init__(self, model: str, session_key: str | None = None, prompt: PromptKey | None = None) -> None:
         self.model = model
         self.session_key = session_key
-        self.text = text
+        self.prompt = prompt
         self.in_flight = 0  # requests in flight for this model (bounded-load hashing)
+        self.placement: Placement | None = None   # set by cache_aware's pick
 
 
 def _first_ok(backends: list["Backend"], start: int, exclude: Collection) -> "Backend | None":
@@ -201,13 +182,7 @@ class Session(RoundRobin):
 
     def prepare(self, route: Route, data: dict | None, headers: Mapping[str, str], in_flight: int) -> None:
         """The session key: the body's `prompt_cache_key`, else the session header, else `user`."""
-        key = data.get("prompt_cache_key") if data is not None else None
-        if not isinstance(key, str) or not key:
-            key = headers.get(self.header)
-            if not key and data is not None:
-                u = data.get("user")
-                key = u if isinstance(u, str) and u else None
-        route.session_key = key
+        route.session_key = session_of(data, headers, self.header)
         route.in_flight = in_flight
 
     def new_state(self) -> Any:
@@ -252,68 +227,146 @@ class Session(RoundRobin):
 
 
 class CacheAware(LeastRequests):
-    """Sends a prompt where its longest known prefix was sent, unless that backend is overloaded."""
+    """Places each prompt on the engine (and, for engines with slots, the slot) where its predicted
+    time to first token is least: the work queued there, plus the uncached part of the prompt at
+    that engine's prefill speed, plus, for a slot, the wait while it is busy and what overwriting it
+    costs the conversation it holds (by how likely that one is to come back). The predictions and
+    their checks are the cache model's (`kvmodel`)."""
 
     name = "cache_aware"
+    SPREAD_TOKENS = 8       # what one more request in flight on an engine costs, in prefill tokens
+    SCAN = 64               # engines looked at per request at most, besides those holding a match
 
-    def __init__(self, config: "RouterConfig") -> None:
+    def __init__(self, config: "RouterConfig", read_props: "PropsReader | None" = None) -> None:
+        self.read_props = read_props
         self.block = config.cache_block_chars
         self.max_chars = config.cache_max_chars
         self.min_blocks = max(1, -(-config.cache_min_match // config.cache_block_chars))
         self.ratio = config.cache_balance_ratio
         self.abs = config.cache_balance_abs
-        self.max_entries = config.cache_max_entries
+        self.memory_blocks = config.cache_max_entries
+        self.pin = config.cache_pin_slots
+        self.header = config.session_header
+        self.index = CacheIndex()
+        self.revisits = Revisits()
 
     def prepare(self, route: Route, data: dict | None, headers: Mapping[str, str], in_flight: int) -> None:
         if data is not None:
-            route.text = message_text(data)
+            route.prompt = prompt_key(data, route.model, self.block, self.max_chars,
+                                      session_of(data, headers, self.header))
 
-    def new_state(self) -> Any:
-        return [0, OrderedDict(), {}]  # rr counter, prefix-block hash -> backend name (LRU), name -> backend
+    def engine(self, b: "Backend") -> EngineCache:
+        """`b`'s cache model (made on first use), with as many slots as its engine reports."""
+        e = b.cache
+        if e is None or e.index is not self.index:
+            e = b.cache = EngineCache(b, self.index, self.memory_blocks)
+            e.on_suspect = self._suspect
+        n = b.total_slots if self.pin else 0
+        if n != len(e.slots):
+            e.set_slots(n)
+        return e
 
     def refresh(self, group: "Group") -> None:
-        group.state[2] = {b.name: b for b in group.backends}
+        for b in group.backends:
+            self.engine(b)
+
+    def _suspect(self, e: EngineCache) -> None:
+        """An engine keeps denying the hits its slots should give: ask it how many slots it has."""
+        b = e.backend
+        if self.read_props is None:
+            e.checking = False
+            return
+
+        def counted(n: int | None) -> None:
+            why = e.slots_counted(n)
+            if why is not None:
+                log.warning("backend %s: %s; it is routed without slots from now on", b.name, why)
+        self.read_props(b, counted)
 
     def pick(self, group: "Group", route: Route, exclude: Collection = _NOTHING) -> "Backend | None":
-        text = route.text
-        if not text:
+        prompt = route.prompt
+        route.placement = None
+        if prompt is None:
             return LeastRequests.pick(self, group, route, exclude)
-        index: OrderedDict = group.state[1]
-        block = self.block
-        hashes = []
-        h = 0
-        for start in range(0, min(len(text), self.max_chars), block):
-            chunk = text[start:start + block]
-            if len(chunk) < block:
-                break
-            h = hash((h, chunk))
-            hashes.append(h)
-        least = LeastRequests.pick(self, group, route, exclude)
-        if least is None:
+        backends = group.backends
+        if not backends:
             return None
-        chosen = least
-        by_name = group.state[2]
-        if len(hashes) >= self.min_blocks:
-            for k in range(len(hashes) - 1, self.min_blocks - 2, -1):
-                owner = by_name.get(index.get(hashes[k]))
-                if owner is None:
-                    continue
-                if owner.available and owner not in exclude:
-                    load, low = owner.stats.in_flight, least.stats.in_flight
-                    if not (load - low > self.abs and load > low * self.ratio):
-                        chosen = owner
-                break
-        name = chosen.name
-        for hk in hashes:
-            if hk in index:
-                index.move_to_end(hk)
-            index[hk] = name
-        while len(index) > self.max_entries:
-            index.popitem(last=False)
-        return chosen
+        now = time.monotonic()
+        hashes = prompt.hashes
+        found = self.index.matches(hashes, self.min_blocks) if len(hashes) >= self.min_blocks else {}
+        if len(backends) > self.SCAN:
+            members = set(backends)
+            near = {h.engine.backend for h in found} & members
+            backends = [*near, *random.sample(backends, self.SCAN)]
+        else:           # ties go round: the scan starts one further each time
+            st = group.state
+            k = st[0] % len(backends)
+            st[0] += 1
+            if k:
+                backends = backends[k:] + backends[:k]
+        block, chars, session = self.block, prompt.chars, prompt.session
+        weight = self.revisits.weight
+        best: tuple | None = None      # (tier, cost, predicted ms, backend, engine, slot, slot match, memory match)
+        returned = 0.0
+        for b in backends:
+            if not b.available or b in exclude:
+                continue
+            e = b.cache or self.engine(b)
+            if e.timed:
+                ms, cpt = e.ms_per_token, e.chars_per_token
+            else:                                 # not heard from yet: like the fleet on average
+                ms, cpt = e.ms_per_token, e.chars_per_token = self.index.ms_per_token, self.index.chars_per_token
+            base = e.base_ms + (e.pending + b.stats.in_flight * self.SPREAD_TOKENS) * ms
+            mem = found.get(e.memory, 0)
+            if not e.slotted:
+                cost = base + max(0, chars - mem * block) / cpt * ms
+                if best is None or (0, cost) < best[:2]:
+                    best = (0, cost, cost, b, e, None, 0, mem)
+                continue
+            trust = e.extra > 1.0
+            for s in e.slots:
+                m = found.get(s, 0)
+                own = (m and m == len(s.hashes)) or (session is not None and s.session == session)
+                if own and m and not s.busy:
+                    returned = max(returned, now - s.released_at)
+                predicted = base + max(0, chars - (max(m, mem) if trust else m) * block) / cpt * ms
+                tier = 0
+                if s.busy:
+                    predicted += e.remaining_ms(s, now)
+                    tier = 0 if own else 1        # never queue behind another conversation while a slot is free
+                cost = predicted
+                if s.hashes and not own:
+                    cost += weight(0.0 if s.busy else now - s.released_at) * s.chars / cpt * ms
+                if best is None or (tier, cost) < best[:2]:
+                    best = (tier, cost, predicted, b, e, s, m, mem)
+        if best is None:
+            return None
+        _, _, predicted, b, e, slot, m, mem = best
+        if slot is None and mem and found:
+            b, e, predicted, mem = self._balanced(backends, b, e, predicted, mem, exclude)
+        if returned:
+            self.revisits.returned(returned)
+        trust = e.extra > 1.0 or slot is None
+        match = max(m, mem) if trust else m
+        deepest = hashes[mem - 1] if mem else None
+        route.placement = Placement(e, slot, prompt, match * block, m * block, mem * block, deepest, predicted,
+                                    self.revisits)
+        return b
+
+    def _balanced(self, backends: list, b: "Backend", e: EngineCache, predicted: float, mem: int,
+                  exclude: Collection) -> tuple:
+        """For an engine without slots the model's timing is rough: a match is not taken where its
+        backend is far busier than the least busy (`cache_balance_ratio` and `cache_balance_abs`)."""
+        least = min((c for c in backends if c.available and c not in exclude), key=lambda c: c.stats.in_flight,
+                    default=b)
+        load, low = b.stats.in_flight, least.stats.in_flight
+        if load - low > self.abs and load > low * self.ratio:
+            le = least.cache or self.engine(least)
+            return least, le, predicted, 0
+        return b, e, predicted, mem
 
 
-def make_policy(name: str, config: "RouterConfig") -> Any:
+def make_policy(name: str, config: "RouterConfig", read_props: PropsReader | None = None) -> Any:
     """The policy object for a policy name from the config."""
     if name == "weighted":
         return Weighted()
@@ -324,5 +377,5 @@ def make_policy(name: str, config: "RouterConfig") -> Any:
     if name == "session":
         return Session(config.session_load_factor, config.session_header)
     if name == "cache_aware":
-        return CacheAware(config)
+        return CacheAware(config, read_props)
     return RoundRobin()

@@ -76,7 +76,7 @@ def unusable(rec: dict, meta: dict) -> str | None:
 def _routing_view(b: Backend) -> tuple:
     """What routing depends on: a change here rebuilds the candidate lists."""
     return (b.url, b.models, len(b.models_list), b.weight, b.cache_type, b.registry_healthy,
-            [m.get("id") for m in b.models_list])
+            [m.get("id") for m in b.models_list], b.total_slots)
 
 
 class Discovery:
@@ -172,7 +172,10 @@ class Discovery:
                                 "(%s) for up to %gs", len(new), ", ".join(sorted(new)), self.config.registry_reset_grace)
                 missing = []
             for name in missing:
-                self.health.forget(t.backends.pop(name))
+                gone = t.backends.pop(name)
+                self.health.forget(gone)
+                if gone.cache is not None:
+                    gone.cache.drop()
                 self.graced.discard(name)
                 changed = True
                 log.info("backend %s: removed (gone from the registry)", name)
@@ -201,6 +204,8 @@ class Discovery:
             b.weight = 1
         ct = meta.get("cache_type")
         b.cache_type = ct if ct in ("static", "paged") else None
+        slots = meta.get("total_slots")
+        b.total_slots = slots if isinstance(slots, int) and not isinstance(slots, bool) and 0 < slots <= 1024 else 0
         b.static = static
         was = b.state
         b.state = str(rec.get("status", "running"))
@@ -219,6 +224,8 @@ class Discovery:
         before, b.incarnation = b.incarnation, incarnation
         restarted = before is not None and incarnation != before and incarnation[0] is not None
         back = was != "running" and b.state == "running"
+        if (restarted or back) and b.cache is not None:
+            b.cache.reset()       # a new process: its caches are empty
         if not (restarted or back) or (b.circuit == CLOSED and b.active_ok and not b.fail_streak):
             return False
         log.info("backend %s: new incarnation (pid %s, restarts %s); circuit closed, health checks start afresh",

@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import json
 import logging
 import random
 import time
+from typing import Callable
 
 from ..config.router import RouterConfig
-from .failures import BackendHung
+from .failures import BackendHung, TransportError
 from .pool import Pool
 from .table import CLOSED, HALF_OPEN, OPEN, Backend, Table
 
@@ -288,6 +290,28 @@ class Health:
         finally:
             for transport in opened:
                 transport.close()
+
+
+    def read_props(self, b: Backend, done: Callable[[int | None], None]) -> None:
+        """Ask `b`'s engine how many slots it has (llama-server's /props `total_slots`), in the
+        background; `done` gets the count, or None when the engine does not say."""
+        task = asyncio.create_task(self._props(b, done), name=f"props-{b.name}")
+        self.probes.add(task)
+        task.add_done_callback(self.probes.discard)
+
+    async def _props(self, b: Backend, done: Callable[[int | None], None]) -> None:
+        pool = self.pool
+        n: int | None = None
+        try:
+            reply = await asyncio.wait_for(
+                pool.request(pool.target(b.url), b"GET", b"/props", b.auth_lines, b""), self.config.health_timeout * 2)
+            body = await asyncio.wait_for(reply.read(), self.config.health_timeout * 2)
+            if reply.status == 200:
+                got = json.loads(body).get("total_slots")
+                n = got if isinstance(got, int) and not isinstance(got, bool) and got > 0 else None
+        except (TransportError, asyncio.TimeoutError, ValueError, AttributeError):
+            n = None
+        done(n)
 
 
 class _StatusLine(asyncio.Protocol):

@@ -16,6 +16,7 @@ from .stats import BUCKETS, Counters
 
 if TYPE_CHECKING:
     from .health import Health
+    from .kvmodel import EngineCache
     from .table import Table
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -86,6 +87,38 @@ def families(group: str) -> list[tuple[str, str, str, Rows]]:
     ]
 
 
+def _cache_model_rows() -> list[tuple[str, str, str, Callable[[str, "EngineCache"], str]]]:
+    """The cache model's families, per backend it models (cache_aware)."""
+    p = "infinilm_router_cache_model"
+    return [
+        (f"{p}_slots", "gauge", "Slots of the engine the model places requests in (0: none known, or not pinned)",
+         lambda lab, e: f"{p}_slots{{{lab}}} {num(len(e.slots) if e.slotted else 0)}\n"),
+        (f"{p}_busy_slots", "gauge", "Slots running a request of this router",
+         lambda lab, e: f"{p}_busy_slots{{{lab}}} {num(sum(1 for s in e.slots if s.busy))}\n"),
+        (f"{p}_predicted_hits_total", "counter", "Answers the model predicted would be cache hits",
+         lambda lab, e: f"{p}_predicted_hits_total{{{lab}}} {num(e.stats.predicted_hits)}\n"),
+        (f"{p}_engine_hits_total", "counter", "Answers the engine reported as cache hits",
+         lambda lab, e: f"{p}_engine_hits_total{{{lab}}} {num(e.stats.engine_hits)}\n"),
+        (f"{p}_confirmed_hits_total", "counter", "Predicted hits the engine confirmed (precision = confirmed / "
+         "predicted, recall = confirmed / engine)",
+         lambda lab, e: f"{p}_confirmed_hits_total{{{lab}}} {num(e.stats.confirmed)}\n"),
+        (f"{p}_cached_tokens_total", "counter", "Cached prompt tokens, as predicted and as the engine reported",
+         lambda lab, e: (f'{p}_cached_tokens_total{{{lab},source="predicted"}} {num(e.stats.predicted_tokens)}\n'
+                         f'{p}_cached_tokens_total{{{lab},source="engine"}} {num(e.stats.cached_tokens)}\n')),
+        (f"{p}_resets_total", "counter", "Times what the model held about the engine was dropped (a denied hit, a "
+         "new process)", lambda lab, e: f"{p}_resets_total{{{lab}}} {num(e.stats.resets)}\n"),
+        (f"{p}_ttft_seconds_total", "counter", "Time to first token of streams, as predicted, as measured, and "
+         "their absolute difference (divide by _ttft_predictions_total for means)",
+         lambda lab, e: (f'{p}_ttft_seconds_total{{{lab},kind="predicted"}} {num(e.stats.ttft_predicted_ms / 1000)}\n'
+                         f'{p}_ttft_seconds_total{{{lab},kind="actual"}} {num(e.stats.ttft_actual_ms / 1000)}\n'
+                         f'{p}_ttft_seconds_total{{{lab},kind="abs_error"}} {num(e.stats.ttft_abs_err_ms / 1000)}\n')),
+        (f"{p}_ttft_predictions_total", "counter", "Streams whose time to first token was predicted and measured",
+         lambda lab, e: f"{p}_ttft_predictions_total{{{lab}}} {num(e.stats.ttft_n)}\n"),
+        (f"{p}_prefill_seconds_per_token", "gauge", "The engine's prefill time per uncached prompt token, as learned",
+         lambda lab, e: f"{p}_prefill_seconds_per_token{{{lab}}} {num(e.ms_per_token / 1000)}\n"),
+    ]
+
+
 class Exposition:
     """Everything /metrics shows about one router."""
 
@@ -121,6 +154,15 @@ class Exposition:
             yield "".join(out).encode()
             out = []
             await asyncio.sleep(0)
+        modelled = [(label(b.name), b.cache) for b in backends if b.cache is not None]
+        if modelled:
+            for name, kind, help_text, row in _cache_model_rows():
+                out = [header(name, kind, help_text)]
+                for i in range(0, len(modelled), SLICE):
+                    out.extend(row(f'backend="{value}"', e) for value, e in modelled[i:i + SLICE])
+                    yield "".join(out).encode()
+                    out = []
+                    await asyncio.sleep(0)
         yield self.router_text().encode()
 
     def router_text(self) -> str:

@@ -17,7 +17,7 @@ from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from ..wire import dumps
 from .access import AccessLog
-from .balancer import Route, content_texts
+from .balancer import Route
 from .failures import (
     BackendHung,
     ConnectError,
@@ -28,8 +28,10 @@ from .failures import (
     TransportError,
 )
 from .health import Health
+from .kvmodel import Placement
 from .migration import Transcript, continuation, migratable
 from .pool import Pool
+from .prompt import content_texts
 from .reply import Reply
 from .stats import Counters, usage_of
 from .table import CLOSED, Backend, Group, Table
@@ -48,6 +50,23 @@ DROP_RESPONSE = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", 
                            b"server"})
 RETRY_STATUSES = frozenset({502, 503, 504})
 _CLIENT_HIGH_WATER = 1 << 18   # bytes queued for a streaming client before we wait for it to read
+
+
+def with_slot(body: bytes, slot: int) -> bytes | None:
+    """The request body with `"id_slot": slot` added (llama-server's field for the slot to run a
+    request in), by splicing the bytes rather than re-encoding the JSON; None when the body does not
+    start with an ASCII `{` (another encoding, a byte-order mark), which is then sent as it is."""
+    text = body.lstrip()
+    if text[:1] != b"{":
+        return None
+    rest = text[1:]
+    return b'{"id_slot":%d%s%s' % (slot, b"" if rest.lstrip()[:1] == b"}" else b",", rest)
+
+
+def slot_refused(status: int, payload: bytes) -> bool:
+    """An engine's answer that says it does not take the slot field (OpenAI-style strict servers
+    answer 400 "Unrecognized request argument supplied: id_slot")."""
+    return status in (400, 422) and b"id_slot" in payload
 
 
 class Failure(NamedTuple):
@@ -124,7 +143,8 @@ class ClientGone(Exception):
 class StreamRelay:
     """Writes a backend's streamed body to the client as it arrives (the reply's sink)."""
 
-    __slots__ = ("transport", "chunked", "writer", "ex", "loop", "gone", "done_seen", "counters", "transcript")
+    __slots__ = ("transport", "chunked", "writer", "ex", "loop", "gone", "done_seen", "counters", "transcript",
+                 "placement")
 
     def __init__(self, transport: asyncio.Transport, chunked: bool, writer: Any, ex: Exchange,
                  loop: asyncio.AbstractEventLoop, counters: tuple[Counters, Counters],
@@ -138,6 +158,7 @@ class StreamRelay:
         self.done_seen = False
         self.counters = counters
         self.transcript = transcript   # set when the stream may migrate: whole events only, kept
+        self.placement: Placement | None = None   # the cache model's placement, told of the answer
 
     def __call__(self, data: bytes) -> bool:
         t = self.transport
@@ -157,6 +178,12 @@ class StreamRelay:
 
     def _send(self, t: asyncio.Transport, data: bytes) -> bool:
         ex = self.ex
+        pl = self.placement
+        if pl is not None:
+            if pl.first_at is None:
+                pl.first_byte()
+            if b'"timings"' in data or b'"cached_tokens"' in data:
+                pl.observe(data)
         if ex.ttfb is None:
             ex.ttfb = ttfb = self.loop.time() - ex.t0
             for c in self.counters:
@@ -282,7 +309,6 @@ class Proxy:
                        ex: Exchange) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         config = self.config
-        pool = self.pool
         method = request.method.encode()
         path = adm.path.encode()
         policy = adm.group.policy
@@ -305,13 +331,19 @@ class Proxy:
             if b.circuit is not CLOSED:
                 self.health.trial_started(b)
             reply: Reply | None = None
+            pl = route.placement
             try:
                 headers = adm.headers + b.auth_lines if b.auth_lines else adm.headers
-                reply = await pool.request(pool.target(b.url), method, path, headers, adm.body, b.pending)
+                reply, payload = await self._send(b, pl, method, path, headers, adm.body)
                 ex.status = reply.status
                 if reply.streaming:
                     return await self._relay(request, adm, route, reply, b, mstats, ex, exclude)
-                payload = await reply.read()
+                if payload is None:
+                    payload = await reply.read()
+                if pl is not None and reply.status < 400:
+                    pl.first_byte(timed=False)
+                    pl.observe(payload)
+                    pl.finish(True)
             except TransportError as exc:
                 f = FAILURES[type(exc)]
                 msg = f"backend {b.name}: {exc}"
@@ -323,6 +355,8 @@ class Proxy:
                     break
                 continue
             finally:
+                if pl is not None:
+                    pl.finish(False)      # unless told otherwise above: the slot's content is unknown
                 if reply is not None and not reply.streaming:
                     reply.release()
                 self._release(b)
@@ -365,6 +399,35 @@ class Proxy:
         raise ApiError(f.status, f"{f.message}: {msg}", "server_error", f.code,
                        headers={"Retry-After": "2"} if f.status == 503 else None)
 
+    async def _send(self, b: Backend, pl: Placement | None, method: bytes, path: bytes, headers: bytes,
+                    body: bytes) -> tuple[Reply, bytes | None]:
+        """Send one request to `b`, in the slot the cache model chose if it chose one; the reply, and
+        its body when it had to be read here. An engine that refuses the slot field gets the request
+        again without it, and is routed without slots from then on: the request never fails for it."""
+        pool = self.pool
+        target = pool.target(b.url)
+        sent = body
+        if pl is not None:
+            pin = pl.pin
+            if pin is not None:
+                pinned = with_slot(body, pin)
+                if pinned is None:
+                    pl.slot = None        # not spliceable: the engine chooses, the model does not know where
+                else:
+                    sent = pinned
+            pl.sent()
+        reply = await pool.request(target, method, path, headers, sent, b.pending)
+        if sent is body or reply.streaming or reply.status not in (400, 422):
+            return reply, None
+        payload = await reply.read()
+        if pl is None or not slot_refused(reply.status, payload):
+            return reply, payload
+        why = payload[:200].decode(errors="replace")
+        log.warning("backend %s: the engine refuses the slot field (%s); it is routed without slots from now on",
+                    b.name, why)
+        pl.unpin(f"the engine refused the slot field: {why}")
+        return await pool.request(target, method, path, headers, body, b.pending), None
+
     # -- relay: a stream, piece by piece, with no more retries once headers are out ------------------------
     async def _relay(self, request: web.BaseRequest, adm: Admitted, route: Route, reply: Reply, b: Backend,
                      mstats: Counters, ex: Exchange, exclude: list[Backend]) -> web.StreamResponse:
@@ -386,6 +449,7 @@ class Proxy:
             if not isinstance(writer, StreamWriter):  # the relay frames the body itself: it needs `chunked`
                 raise TypeError(f"cannot relay a stream through {type(writer).__name__}")
             relay = StreamRelay(transport, writer.chunked, writer, ex, loop, (b.stats, mstats), transcript)
+            relay.placement = route.placement
             while True:
                 try:
                     await reply.relay(relay, relay.drain)
@@ -409,6 +473,9 @@ class Proxy:
                         break
                     b.stats.migrations += 1
                     mstats.migrations += 1
+                    if relay.placement is not None:
+                        relay.placement.finish(False)
+                    relay.placement = route.placement
                     reply, b = moved
                     held.append(b)
                     relay.counters = (b.stats, mstats)
@@ -423,6 +490,10 @@ class Proxy:
                 raise
             return out
         finally:
+            if relay is not None and relay.placement is not None:
+                relay.placement.finish(relay.done_seen or reply.complete)
+            elif route.placement is not None:
+                route.placement.finish(False)
             lat = loop.time() - ex.t0
             for c in (b.stats, mstats):
                 c.latency.add(lat)
@@ -445,6 +516,11 @@ class Proxy:
         b = adm.group.policy.pick(adm.group, route, exclude)
         if b is None:
             return None
+        pl = route.placement
+        if pl is not None:
+            if pl.pin is not None:
+                body["id_slot"] = pl.pin
+            pl.sent()
         ex.migrations += 1
         log.warning("request %s: backend %s failed mid-stream after %d tokens; continuing on %s",
                     ex.rid, ex.backend, progress.tokens, b.name)
@@ -461,6 +537,8 @@ class Proxy:
             b.stats.error(f.kind, f"backend {b.name}: {exc}", asyncio.get_running_loop().time())
             self.health.record_failure(b)
             self._release(b)
+            if pl is not None:
+                pl.finish(False)
             return None
         if reply.status != 200 or not reply.streaming:
             # An engine that refuses to continue a final message: the client gets the error event.
@@ -469,6 +547,8 @@ class Proxy:
             b.stats.error(f"http_{reply.status}", payload[:200].decode(errors="replace") or "not a stream",
                           asyncio.get_running_loop().time())
             self._release(b)
+            if pl is not None:
+                pl.finish(False)
             return None
         transcript.continue_with(progress)
         return reply, b

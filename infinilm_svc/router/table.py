@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..client.registry import registry_urls
 from ..wire import dumps
 from .stats import Counters
+
+if TYPE_CHECKING:
+    from .kvmodel import EngineCache
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
@@ -19,7 +22,7 @@ class Backend:
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
                  "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
-                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe", "check_due")
+                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe", "check_due", "total_slots", "cache")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -55,6 +58,8 @@ class Backend:
         self.reopen: asyncio.TimerHandle | None = None
         self.reopen_at = 0.0             # monotonic time the open circuit goes half-open
         self.incarnation: tuple | None = None   # (pid, restarts, started_at) from the registry record
+        self.total_slots = 0             # requests the engine runs at once, if it says (metadata.total_slots)
+        self.cache: EngineCache | None = None   # the cache model's view of this engine (cache_aware)
 
     @property
     def available(self) -> bool:
@@ -78,6 +83,8 @@ class Backend:
             "weight": self.weight, "models": list(self.models), "metadata": self.metadata,
         }
         out.update(self.stats.to_json())
+        if self.cache is not None:
+            out["cache_model"] = self.cache.to_json()
         return out
 
 
