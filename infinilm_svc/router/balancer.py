@@ -330,15 +330,17 @@ class CacheAware(LeastRequests):
                 if own and m and not s.busy:
                     returned = max(returned, now - s.released_at)
                 predicted = base + max(0, chars - (max(m, mem) if trust else m) * block) / cpt * ms
-                tier = 0
                 if s.busy:
                     predicted += e.remaining_ms(s, now)
-                    tier = 0 if own else 1        # never queue behind another conversation while a slot is free
                 cost = predicted
                 if s.hashes and not own:
-                    cost += weight(0.0 if s.busy else now - s.released_at) * s.chars / cpt * ms
-                if best is None or (tier, cost) < best[:2]:
-                    best = (tier, cost, predicted, b, e, s, m, mem)
+                    # What the conversation holding the slot loses if it comes back: its part beyond
+                    # the prefix this prompt shares with it (that prefix stays in the slot).
+                    lost = s.chars - m * block
+                    if lost > 0:
+                        cost += weight(0.0 if s.busy else now - s.released_at) * lost / cpt * ms
+                if best is None or (0, cost) < best[:2]:
+                    best = (0, cost, predicted, b, e, s, m, mem)
         if best is None:
             return None
         _, _, predicted, b, e, slot, m, mem = best

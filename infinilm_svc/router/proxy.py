@@ -7,6 +7,7 @@ import logging
 import os
 import random
 from itertools import count
+from time import perf_counter
 from typing import Any, NamedTuple
 
 from aiohttp import web
@@ -112,7 +113,8 @@ def message_size(data: dict) -> int:
 class Exchange:
     """What one request did, for the access log and the statistics (filled in as it goes)."""
 
-    __slots__ = ("rid", "model", "backend", "status", "t0", "ttfb", "nbytes", "migrations")
+    __slots__ = ("rid", "model", "backend", "status", "t0", "ttfb", "nbytes", "migrations", "started", "sent",
+                 "answered")
 
     def __init__(self, rid: str, t0: float) -> None:
         self.rid = rid
@@ -123,6 +125,10 @@ class Exchange:
         self.ttfb: float | None = None
         self.nbytes = 0
         self.migrations = 0
+        # perf_counter times (the loop's clock may not move within one turn of the loop):
+        self.started = perf_counter()   # when the handler began
+        self.sent = 0.0                 # when the request that answered went to its backend
+        self.answered = 0.0             # when that backend's head was in
 
 
 class Admitted(NamedTuple):
@@ -334,7 +340,9 @@ class Proxy:
             pl = route.placement
             try:
                 headers = adm.headers + b.auth_lines if b.auth_lines else adm.headers
+                ex.sent = perf_counter()
                 reply, payload = await self._send(b, pl, method, path, headers, adm.body)
+                ex.answered = perf_counter()
                 ex.status = reply.status
                 if reply.streaming:
                     return await self._relay(request, adm, route, reply, b, mstats, ex, exclude)
@@ -385,6 +393,7 @@ class Proxy:
             for c in (bs, mstats):
                 c.latency.add(ttfb)
                 c.ttft.add(ttfb)
+            mstats.overhead.add(ex.sent - ex.started)      # the router's own time before the backend had it
             return answer
         if fallback is not None:
             ex.status = fallback.status
@@ -443,6 +452,9 @@ class Proxy:
         held: list[Backend] = []        # backends taken on by migration (the first is the caller's)
         try:
             writer = await out.prepare(request)
+            # The router's own time: before the backend had the request, and from the backend's
+            # head to the client's (the body's pieces then go through as they come).
+            mstats.overhead.add(ex.sent - ex.started + perf_counter() - ex.answered)
             transport = request.transport
             if writer is None or transport is None:
                 raise ClientGone()

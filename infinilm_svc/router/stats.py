@@ -76,7 +76,7 @@ class Counters:
 
     __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft", "migrations",
                  "prompt_tokens", "completion_tokens", "cached_tokens", "usage_count", "cache_reports", "last_error",
-                 "last_error_at")
+                 "last_error_at", "overhead")
 
     def __init__(self) -> None:
         self.request_count = 0
@@ -86,6 +86,7 @@ class Counters:
         self.in_flight = 0
         self.latency = Samples()
         self.ttft = Samples()
+        self.overhead = Samples()       # the router's own time on a request (models only; see Proxy)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0          # prompt tokens the engine reports it took from its cache
@@ -123,6 +124,7 @@ class Counters:
             "migrations": self.migrations,
             "latency_ms": self.latency.percentiles_ms(),
             "ttft_ms": self.ttft.percentiles_ms(),
+            "router_overhead_ms": self.overhead.percentiles_ms(),
             "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens,
                        "cached": self.cached_tokens if self.cache_reports else None,
                        "answers_with_usage": self.usage_count},
