@@ -139,6 +139,7 @@ class Engines:
 
     def __init__(self, shape: Shape, tmp: Path, server: Path, model: Path) -> None:
         self.procs: list[subprocess.Popen] = []
+        self.host_cache = shape.cache_ram
         self.urls: list[str] = []
         self.logs: list[Path] = []
         for i in range(shape.backends):
@@ -206,14 +207,18 @@ def start_router(contender: str, peers: dict[str, str], engines: Engines, slots:
     log = open(tmp / f"router-{contender}-{port}.log", "wb")
     if contender.startswith("ours:"):
         services = [{"name": f"e{i}", "host": HOST, "port": int(u.rsplit(":", 1)[1]),
-                     # what a babysitter puts in the record, from the engine's /props
-                     "metadata": {"type": "openai-api", "models": ["bench"], "total_slots": n}}
+                     # what a babysitter puts in the record: the engine's /props, and its arguments
+                     "metadata": {"type": "openai-api", "models": ["bench"], "total_slots": n,
+                                  "host_prompt_cache": engines.host_cache}}
                     for i, (u, n) in enumerate(zip(engines.urls, slots, strict=True))]
         (tmp / "services.json").write_text(json.dumps({"services": services}))
         node = tmp / f"router-{port}.toml"
         node.write_text(f'[router]\nbind = "{HOST}"\nport = {port}\nstatic_services = "{tmp / "services.json"}"\n'
                         f'policy = "{contender[5:]}"\naccess_log = false\n')
-        argv = [sys.executable, str(PYZ), "--config", str(node), "--log-level", "warning"]
+        argv = [sys.executable, str(PYZ), "--config", str(node), "--log-level",
+                os.environ.get("CACHE_ROUTING_LOG", "warning")]
+        if os.environ.get("CACHE_ROUTING_LOG"):
+            print(f"router log: {log.name}", file=sys.stderr)
     else:
         exe = peers[contender]
         argv = [exe, *(["launch"] if contender == "sglang" else []), "--worker-urls", *engines.urls, "--policy", "cache_aware", "--host", HOST, "--port", str(port),
@@ -332,7 +337,8 @@ async def ours_stats(session: aiohttp.ClientSession, url: str) -> dict:
 
 
 async def run_once(contender: str, shape: Shape, peers: dict[str, str], server: Path, model: Path) -> dict:
-    with tempfile.TemporaryDirectory(prefix="cache-routing-") as tmpdir:
+    keep = os.environ.get("CACHE_ROUTING_LOG")
+    with tempfile.TemporaryDirectory(prefix="cache-routing-") if not keep else _kept() as tmpdir:
         tmp = Path(tmpdir)
         engines = Engines(shape, tmp, server, model)
         router = None
@@ -344,6 +350,10 @@ async def run_once(contender: str, shape: Shape, peers: dict[str, str], server: 
                 warm = engines.requests_each()
                 results = await workload(url, shape)
                 extra = await ours_stats(s, url) if contender.startswith("ours:") else {}
+                if os.environ.get("CACHE_ROUTING_DUMP") and contender.startswith("ours:"):
+                    async with s.get(url + "/stats") as r:
+                        for svc in (await r.json())["services"]:
+                            print(svc["name"], json.dumps(svc.get("cache_model")), file=sys.stderr)
             per = [n - w for n, w in zip(engines.requests_each(), warm, strict=True)]
         finally:
             if router is not None:
@@ -366,6 +376,16 @@ async def run_once(contender: str, shape: Shape, peers: dict[str, str], server: 
             "ttft_p50": pct(ttft, 0.5) * 1000, "ttft_p99": pct(ttft, 0.99) * 1000,
             "beyond_p50": pct(beyond, 0.5) * 1000 if beyond else None,
             "spread": max(per) / (sum(per) / len(per)) if sum(per) else None, "per": per, **extra}
+
+
+class _kept:
+    """A directory left in place (for the logs, with CACHE_ROUTING_LOG set)."""
+
+    def __enter__(self) -> str:
+        return tempfile.mkdtemp(prefix="cache-routing-")
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def median(rows: list[dict], key: str) -> float | None:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config.babysitter import LLAMA_SERVER, BabysitterConfig
+from ..config.babysitter import LLAMA_SERVER, BabysitterConfig, BackendConfig
 from ..runtime import self_command
 from .logbook import CUT_MARK, MAX_LINE, LogBook
 
@@ -84,6 +84,21 @@ def launch_spec(config: BabysitterConfig) -> LaunchSpec:
     env.update({str(k): str(v) for k, v in b.env.items()})
     env.setdefault("PYTHONUNBUFFERED", "1")
     return LaunchSpec(tuple(argv), env, b.work_dir or None)
+
+
+def llama_host_cache(b: BackendConfig) -> bool:
+    """Whether llama-server keeps prompts in host memory beyond its slots: on unless its arguments
+    (`--cache-ram N` / `-cram N`, last one wins) or LLAMA_ARG_CACHE_RAM set it to 0."""
+    value = b.env.get("LLAMA_ARG_CACHE_RAM")
+    args = list(b.args)
+    for i, a in enumerate(args):
+        name, eq, inline = a.partition("=")
+        if name in ("--cache-ram", "-cram"):
+            value = inline if eq else (args[i + 1] if i + 1 < len(args) else value)
+    try:
+        return int(str(value).strip()) != 0 if value is not None else True
+    except ValueError:
+        return True
 
 
 def signal_number(name: str) -> int:

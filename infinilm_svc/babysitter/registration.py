@@ -10,6 +10,7 @@ import aiohttp
 from ..background import TaskSupervisor
 from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 from ..config.babysitter import BabysitterConfig
+from .process import llama_host_cache
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class Registration:
         }
         if s.total_slots:
             meta["total_slots"] = s.total_slots     # routers place requests in the engine's slots
+        if self.config.backend.type == "llama.cpp":
+            meta["host_prompt_cache"] = llama_host_cache(self.config.backend)
         if self.config.backend.type == "mock":
             # Who answers "Hello from <name>": lets validate tell which backend served a request.
             meta["mock_name"] = self.config.backend.mock_name or self.config.service_name

@@ -10,7 +10,7 @@ from bisect import bisect_left
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
 
-from .kvmodel import CacheIndex, EngineCache, Placement, Revisits
+from .kvmodel import CacheIndex, EngineCache, Placement, Revisits, Slot
 from .prompt import PromptKey, prompt_key, session_of
 
 if TYPE_CHECKING:
@@ -264,6 +264,8 @@ class CacheAware(LeastRequests):
         n = b.total_slots if self.pin else 0
         if n != len(e.slots):
             e.set_slots(n)
+        if b.host_cache is not e.host_cache:
+            e.set_host_cache(b.host_cache)
         return e
 
     def refresh(self, group: "Group") -> None:
@@ -323,13 +325,15 @@ class CacheAware(LeastRequests):
                 if best is None or (0, cost) < best[:2]:
                     best = (0, cost, cost, b, e, None, 0, mem)
                 continue
-            trust = e.extra > 1.0
+            # Beyond a slot's exact match, the memory's counts only as often as it came true here.
+            odds = e.memory_odds if e.extra > 1.0 else 0.0
             for s in e.slots:
                 m = found.get(s, 0)
                 own = (m and m == len(s.hashes)) or (session is not None and s.session == session)
                 if own and m and not s.busy:
                     returned = max(returned, now - s.released_at)
-                predicted = base + max(0, chars - (max(m, mem) if trust else m) * block) / cpt * ms
+                likely = m + odds * (mem - m) if mem > m else m
+                predicted = base + max(0.0, chars - likely * block) / cpt * ms
                 if s.busy:
                     predicted += e.remaining_ms(s, now)
                 cost = predicted
@@ -348,10 +352,14 @@ class CacheAware(LeastRequests):
             b, e, predicted, mem = self._balanced(backends, b, e, predicted, mem, exclude)
         if returned:
             self.revisits.returned(returned)
+        if log.isEnabledFor(logging.DEBUG):
+            owner = next((h for h, k in found.items() if isinstance(h, Slot) and k == len(h.hashes)), None)
+            log.debug("placed %s/%s: match %d blocks (slot %d, memory %d) of %d, cost %.1f ms; own slot %s",
+                      b.name, slot.id if slot is not None else "-", max(m, mem), m, mem, len(hashes), best[1],
+                      f"{owner.engine.backend.name}/{owner.id} busy {owner.busy}" if owner is not None else "none")
         trust = e.extra > 1.0 or slot is None
         match = max(m, mem) if trust else m
-        deepest = hashes[mem - 1] if mem else None
-        route.placement = Placement(e, slot, prompt, match * block, m * block, mem * block, deepest, predicted,
+        route.placement = Placement(e, slot, prompt, match * block, m * block, mem * block, block, predicted,
                                     self.revisits)
         return b
 

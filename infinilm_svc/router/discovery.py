@@ -76,7 +76,7 @@ def unusable(rec: dict, meta: dict) -> str | None:
 def _routing_view(b: Backend) -> tuple:
     """What routing depends on: a change here rebuilds the candidate lists."""
     return (b.url, b.models, len(b.models_list), b.weight, b.cache_type, b.registry_healthy,
-            [m.get("id") for m in b.models_list], b.total_slots)
+            [m.get("id") for m in b.models_list], b.total_slots, b.host_cache)
 
 
 class Discovery:
@@ -206,6 +206,8 @@ class Discovery:
         b.cache_type = ct if ct in ("static", "paged") else None
         slots = meta.get("total_slots")
         b.total_slots = slots if isinstance(slots, int) and not isinstance(slots, bool) and 0 < slots <= 1024 else 0
+        kept = meta.get("host_prompt_cache")
+        b.host_cache = kept if isinstance(kept, bool) else None
         b.static = static
         was = b.state
         b.state = str(rec.get("status", "running"))

@@ -29,10 +29,14 @@ from .prompt import PromptKey
 if TYPE_CHECKING:
     from .table import Backend
 
+SIBLING_SHARE = 0.3      # of a slot's content, its worth to other conversations that may share its prefix
 HIT_TOKENS = 32          # cached prompt tokens that make an answer a cache hit (precision and recall)
 _MEMORY_MIN = 256        # blocks an engine's memory keeps at least, whatever it learned
 _EWMA = 0.2              # weight of a new observation in the learned rates
 _MIN_MS_PER_TOKEN = 0.001
+# Evidence of a cache beyond the slots to start from, by what the engine's record says of one
+# (llama-server's host-memory prompt cache): trusted, distrusted, or to be learned (> 1 trusts).
+_EXTRA_PRIOR = {True: 2.0, False: -4.0, None: 0.0}
 
 _CACHED = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
@@ -74,13 +78,14 @@ class CacheIndex:
     fleet's engines taught on average, which an engine not heard from yet is assumed to be like
     (a fixed guess would make every engine already measured look better or worse than new ones)."""
 
-    __slots__ = ("holders", "ms_per_token", "chars_per_token", "timed")
+    __slots__ = ("holders", "ms_per_token", "chars_per_token", "timed", "rate")
 
     def __init__(self) -> None:
         self.holders: dict[int, set[Any]] = {}
         self.ms_per_token = 1.0
         self.chars_per_token = 4.0
         self.timed = False          # a prefill time has been learned
+        self.rate = Rate()
 
     def add(self, holder: Any, hashes: list[int]) -> None:
         holders = self.holders
@@ -155,6 +160,24 @@ class Slot:
         return {"id": self.id, "busy": self.busy, "chars": self.chars, "blocks": len(self.hashes)}
 
 
+class Rate:
+    """Time per token, averaged as two decaying sums so that long prompts weigh more than short ones."""
+
+    __slots__ = ("ms", "tokens")
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self.tokens = 0.0
+
+    def add(self, ms: float, tokens: float) -> None:
+        keep = 1.0 - _EWMA
+        self.ms = self.ms * keep + ms
+        self.tokens = self.tokens * keep + tokens
+
+    def ratio(self) -> float:
+        return self.ms / self.tokens if self.tokens else 0.0
+
+
 class Memory:
     """What an engine may hold beyond its slots: an LRU of block keys, its capacity learned from
     the engine's answers (shrunk when the engine denies a hit it predicted, grown when the engine
@@ -186,17 +209,15 @@ class Memory:
             h, _ = keys.popitem(last=False)
             index.remove(self, (h,))
 
-    def denied(self, deepest: int) -> None:
-        """The engine no longer holds the prefix ending in block key `deepest`: in an LRU cache,
-        neither does anything used less recently; and it holds less than was believed."""
+    def denied(self, hashes: list[int]) -> None:
+        """The engine does not hold these blocks of a prompt it was believed to hold: forget them,
+        and believe it holds a little less in all (grown again by confirmations)."""
         keys, index = self.keys, self.engine.index
-        if deepest in keys:
-            while keys:
-                h, _ = keys.popitem(last=False)
-                index.remove(self, (h,))
-                if h == deepest:
-                    break
-        self.capacity = max(_MEMORY_MIN, min(self.capacity, int(len(keys) * 0.75) + 1))
+        gone = [h for h in hashes if h in keys]
+        for h in gone:
+            del keys[h]
+        index.remove(self, gone)
+        self.capacity = max(_MEMORY_MIN, min(self.capacity, int(len(keys) * 0.95)))
         self._trim()
 
     def confirmed(self) -> None:
@@ -250,7 +271,8 @@ class EngineCache:
     """One backend's cache as the router models it, and what the engine taught it about its speed."""
 
     __slots__ = ("backend", "index", "slots", "pinning", "memory", "extra", "ms_per_token", "chars_per_token",
-                 "base_ms", "pending", "duration_ms", "stats", "recent", "note", "on_suspect", "checking", "timed")
+                 "base_ms", "pending", "duration_ms", "stats", "recent", "note", "on_suspect", "checking", "timed",
+                 "rate", "host_cache", "memory_right", "memory_wrong")
 
     def __init__(self, backend: "Backend", index: CacheIndex, memory_blocks: int) -> None:
         self.backend = backend
@@ -270,11 +292,26 @@ class EngineCache:
         self.on_suspect: Callable[["EngineCache"], None] | None = None   # told when denials pile up
         self.checking = False        # the engine's slot count is being asked
         self.timed = False           # its prefill time has been learned
+        self.rate = Rate()
+        self.host_cache: bool | None = None   # what its record says of a cache beyond the slots
+        self.memory_right = 0.0      # the memory's claims beyond the slot, confirmed and denied (decaying)
+        self.memory_wrong = 0.0
+
+    @property
+    def memory_odds(self) -> float:
+        """How often the memory's claims beyond a slot came true here (a guess of 1/2 to start)."""
+        return (self.memory_right + 1.0) / (self.memory_right + self.memory_wrong + 2.0)
 
     @property
     def slotted(self) -> bool:
         """Requests here go to slots the model chooses."""
         return self.pinning and bool(self.slots)
+
+    def set_host_cache(self, flag: bool | None) -> None:
+        """What the engine's record says of a prompt cache beyond its slots (None: it does not say)."""
+        if flag is not self.host_cache:
+            self.host_cache = flag
+            self.extra = _EXTRA_PRIOR[flag]
 
     def set_slots(self, n: int) -> None:
         """The engine has `n` slots (from its record or its /props)."""
@@ -291,7 +328,7 @@ class EngineCache:
             s.clear()
         self.memory.clear()
         self.memory.capacity = self.memory.limit
-        self.extra = 0.0
+        self.extra = _EXTRA_PRIOR[self.host_cache]
         self.recent = 0
         self.pinning = True
         self.note = None
@@ -334,6 +371,7 @@ class EngineCache:
         out: dict[str, Any] = {
             "slots": len(self.slots), "pinning": self.slotted, "busy_slots": sum(1 for s in self.slots if s.busy),
             "filled_slots": sum(1 for s in self.slots if s.hashes), "extra_cache": self.extra > 1.0,
+            "extra_evidence": self.extra,
             "memory_blocks": len(self.memory.keys), "memory_capacity": self.memory.capacity,
             "prefill_ms_per_token": round(self.ms_per_token, 4), "chars_per_token": round(self.chars_per_token, 3),
             "pending_prefill_tokens": round(self.pending, 1),
@@ -350,18 +388,18 @@ class Placement:
     The proxy calls `sent` when the request goes out, `first_byte` when the answer starts,
     `observe` with the answer's bytes that may carry the engine's figures, and `finish` once."""
 
-    __slots__ = ("engine", "slot", "prompt", "match_chars", "slot_chars", "memory_chars", "deepest", "predicted_ms",
+    __slots__ = ("engine", "slot", "prompt", "match_chars", "slot_chars", "memory_chars", "block", "predicted_ms",
                  "uncached", "revisits", "sent_at", "first_at", "ttft_ms", "reported", "done")
 
     def __init__(self, engine: EngineCache, slot: Slot | None, prompt: PromptKey, match_chars: int, slot_chars: int,
-                 memory_chars: int, deepest: int | None, predicted_ms: float, revisits: "Revisits") -> None:
+                 memory_chars: int, block: int, predicted_ms: float, revisits: "Revisits") -> None:
         self.engine = engine
         self.slot = slot
         self.prompt = prompt
         self.match_chars = match_chars      # the prefix predicted cached
         self.slot_chars = slot_chars        # ... by the slot alone
         self.memory_chars = memory_chars    # ... by the engine's memory alone
-        self.deepest = deepest              # block key of the longest prefix the memory matched
+        self.block = block                  # characters per block of the prompt's key
         self.predicted_ms = predicted_ms    # predicted time to first token
         self.uncached = engine.tokens(max(0, prompt.chars - match_chars))
         self.revisits = revisits
@@ -440,16 +478,19 @@ class Placement:
             e.chars_per_token = cpt if first else e.chars_per_token + _EWMA * (cpt - e.chars_per_token)
             fleet.chars_per_token = cpt if not fleet.timed else fleet.chars_per_token + _EWMA * (cpt - fleet.chars_per_token)
         work = r.prompt - r.cached
-        per: float | None = None
+        spent: float | None = None        # ms the engine spent on `work` prompt tokens
         if r.prefill_ms is not None and work >= 16:
-            # Never quite zero: costs are compared by it, and an engine that reports 0 ms is not free.
-            per = max(_MIN_MS_PER_TOKEN, r.prefill_ms / work)
+            spent = r.prefill_ms
         elif r.prefill_ms is None and self.ttft_ms is not None and work >= 16:
-            per = max(_MIN_MS_PER_TOKEN, (self.ttft_ms - e.base_ms) / max(1.0, work + e.pending))
-        if per is not None:
-            # The first figure replaces the guess outright; later ones are averaged in.
-            e.ms_per_token = per if not e.timed else e.ms_per_token + _EWMA * (per - e.ms_per_token)
-            fleet.ms_per_token = per if not fleet.timed else fleet.ms_per_token + _EWMA * (per - fleet.ms_per_token)
+            spent = max(0.0, self.ttft_ms - e.base_ms) * work / max(1.0, work + e.pending)
+        if spent is not None:
+            # Weighted by tokens (time and tokens averaged apart): a short prompt's time is mostly
+            # the batch it shared with other slots' work, and must not speak for the engine's speed.
+            e.rate.add(spent, work)
+            fleet.rate.add(spent, work)
+            # Never quite zero: costs are compared by it, and an engine that reports 0 ms is not free.
+            e.ms_per_token = max(_MIN_MS_PER_TOKEN, e.rate.ratio())
+            fleet.ms_per_token = max(_MIN_MS_PER_TOKEN, fleet.rate.ratio())
             e.timed = fleet.timed = True
         predicted = e.tokens(self.match_chars)
         predicted_hit = predicted >= HIT_TOKENS
@@ -461,19 +502,24 @@ class Placement:
         st.engine_hits += engine_hit
         st.confirmed += predicted_hit and engine_hit
         slot_tokens, memory_tokens = e.tokens(self.slot_chars), e.tokens(self.memory_chars)
-        if self.slot is not None and memory_tokens >= slot_tokens + HIT_TOKENS:
-            # The memory said the engine holds more than this slot does: was it right?
-            if r.cached >= slot_tokens + HIT_TOKENS:
-                e.extra = min(4.0, e.extra + 1.0)
-                e.memory.confirmed()
-            else:
-                e.extra = max(-4.0, e.extra - 1.0)
-        elif r.cached >= max(predicted, slot_tokens, memory_tokens) + HIT_TOKENS:
-            e.memory.confirmed()           # the engine holds more than anything predicted
+        beyond = r.cached >= slot_tokens + HIT_TOKENS      # the engine held more than the slot did
+        if self.slot is not None and (beyond or memory_tokens >= slot_tokens + HIT_TOKENS):
+            # Evidence for or against the engine keeping prompts beyond its slots.
+            e.extra = min(4.0, e.extra + 1.0) if beyond else max(-4.0, e.extra - 1.0)
+            if memory_tokens >= slot_tokens + HIT_TOKENS:
+                e.memory_right = e.memory_right * 0.95 + beyond
+                e.memory_wrong = e.memory_wrong * 0.95 + (not beyond)
+        if beyond and memory_tokens < r.cached - HIT_TOKENS:
+            e.memory.confirmed()           # it holds more than the memory remembered
+        elif not beyond and memory_tokens >= max(slot_tokens, r.cached) + HIT_TOKENS:
+            self.forget_beyond(r.cached)   # the memory believed in a prefix the engine no longer has
+        # Only the slot's own prediction is exact: when the engine denies it, the model was wrong
+        # about the engine (a denied guess of the memory is not evidence of that).
+        slot_denied = slot_tokens >= HIT_TOKENS and r.cached < HIT_TOKENS
         denied = predicted_hit and r.cached < HIT_TOKENS
         if predicted_hit:
-            e.recent = ((e.recent << 1) | denied) & 0xFF
-        if denied:
+            e.recent = ((e.recent << 1) | slot_denied) & 0xFF
+        if slot_denied or (denied and self.slot is None):
             self.deny()
             if (self.slot is not None and not e.checking and e.on_suspect is not None
                     and bin(e.recent).count("1") >= 2):
@@ -488,10 +534,17 @@ class Placement:
         for s in e.slots:
             if s is not self.slot and not s.busy:
                 s.clear()
-        if self.deepest is not None:
-            e.memory.denied(self.deepest)
-        e.extra = min(e.extra, 0.0)
+        self.forget_beyond(0)
         e.stats.resets += 1
+
+    def forget_beyond(self, cached: int) -> None:
+        """Drop from the engine's memory the blocks of this prompt past the `cached` tokens the
+        engine reported, up to where the memory matched it."""
+        e = self.engine
+        start = int(cached * e.chars_per_token) // self.block
+        end = self.memory_chars // self.block
+        if end > start:
+            e.memory.denied(self.prompt.hashes[start:end])
 
     def finish(self, ok: bool) -> None:
         """The request is over (`ok`: the answer was complete)."""
@@ -546,12 +599,15 @@ class Revisits:
             self.sorted = sorted(self.ages)
 
     def weight(self, age: float) -> float:
-        """The chance that the conversation whose cache has been idle for `age` seconds comes back."""
+        """What a slot's content idle for `age` seconds is still worth, as a share of its size: the
+        chance that its conversation comes back, plus a little that fades over minutes for other
+        conversations sharing its prefix (so that, all else equal, the oldest content goes first)."""
+        sibling = SIBLING_SHARE * math.exp(-age / 60.0)
         if self.n < 16 or self.releases < 1:
-            return 0.5 * math.exp(-age / 30.0)      # before any evidence: half, fading over a minute
+            return 0.5 * math.exp(-age / 30.0) + sibling      # before any evidence: half, fading
         p = min(1.0, self.returns / self.releases)
         ages = self.sorted
-        return p * (1.0 - bisect_right(ages, age) / len(ages))
+        return p * (1.0 - bisect_right(ages, age) / len(ages)) + sibling
 
 
 __all__ = ["CacheIndex", "CacheStats", "EngineCache", "EngineReport", "HIT_TOKENS", "Memory", "Placement", "Revisits", "Slot",

@@ -22,7 +22,8 @@ class Backend:
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
                  "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
-                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe", "check_due", "total_slots", "cache")
+                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe", "check_due", "total_slots",
+                 "host_cache", "cache")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -59,6 +60,7 @@ class Backend:
         self.reopen_at = 0.0             # monotonic time the open circuit goes half-open
         self.incarnation: tuple | None = None   # (pid, restarts, started_at) from the registry record
         self.total_slots = 0             # requests the engine runs at once, if it says (metadata.total_slots)
+        self.host_cache: bool | None = None   # a prompt cache beyond the slots (metadata.host_prompt_cache)
         self.cache: EngineCache | None = None   # the cache model's view of this engine (cache_aware)
 
     @property
