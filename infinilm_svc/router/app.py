@@ -17,7 +17,7 @@ from ..errors import ApiError
 from ..looplag import LoopLag
 from ..runtime import KEEPALIVE_DRAIN, REQUEST_HANDLER, REUSE_PORT, SHUTDOWN_TIMEOUT
 from ..wire import dumps, json_response
-from .balancer import make_policy
+from .balancer import Policy, make_policy
 from .discovery import Discovery, deregister, keep_registered, router_record
 from .frontdoor import FrontDoor
 from .health import Health
@@ -198,9 +198,9 @@ def create_app(config: RouterConfig) -> web.Application:
     door's handler, which sends every path other than the local endpoints to the proxy.
     """
     app = web.Application(client_max_size=config.max_body)
-    policies: dict[str, object] = {}
+    policies: dict[str, Policy] = {}
 
-    def policy_for(model: str) -> object:
+    def policy_for(model: str) -> Policy:
         name = config.model_policies.get(model, config.policy)
         if name not in policies:
             policies[name] = make_policy(name, config, lambda b, done: health.read_props(b, done))

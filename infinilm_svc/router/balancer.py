@@ -8,7 +8,7 @@ import random
 import time
 from bisect import bisect_left
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Protocol, cast
 
 from .kvmodel import CacheIndex, EngineCache, Placement, Revisits, Slot
 from .prompt import PromptKey, prompt_key, session_of
@@ -37,6 +37,54 @@ class Route:
         self.placement: Placement | None = None   # set by cache_aware's pick
 
 
+class PolicyState:
+    """What a policy keeps per group of backends: at least a turn counter (ties and round robin)."""
+
+    __slots__ = ("turn",)
+
+    def __init__(self) -> None:
+        self.turn = 0
+
+
+class WeightedState(PolicyState):
+    """The interleaved sequence weighted round robin walks."""
+
+    __slots__ = ("seq",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq: list[Backend] = []
+
+
+class RingState(PolicyState):
+    """The consistent-hash ring: sorted point hashes and the backend at each point."""
+
+    __slots__ = ("hashes", "ring")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hashes: list[int] = []
+        self.ring: list[Backend] = []
+
+
+class Policy(Protocol):
+    """What every load-balancing policy offers the table and the proxy."""
+
+    name: str
+
+    def prepare(self, route: Route, data: dict | None, headers: Mapping[str, str], in_flight: int) -> None:
+        """Fill in the fields of `route` this policy picks by."""
+
+    def new_state(self) -> PolicyState:
+        """A fresh per-group state."""
+
+    def refresh(self, group: "Group") -> None:
+        """The group's backends changed: recompute what picking needs."""
+
+    def pick(self, group: "Group", route: Route, exclude: Collection = ...) -> "Backend | None":
+        """A backend of the group for this request (not in `exclude`), or None."""
+
+
 def _first_ok(backends: list["Backend"], start: int, exclude: Collection) -> "Backend | None":
     n = len(backends)
     for i in range(n):
@@ -54,8 +102,8 @@ class RoundRobin:
     def prepare(self, route: Route, data: dict | None, headers: Mapping[str, str], in_flight: int) -> None:
         """Fill in the fields of `route` this policy picks by (most policies need none)."""
 
-    def new_state(self) -> Any:
-        return [0]
+    def new_state(self) -> PolicyState:
+        return PolicyState()
 
     def refresh(self, group: "Group") -> None:
         pass
@@ -65,8 +113,8 @@ class RoundRobin:
         if not backends:
             return None
         st = group.state
-        i = st[0]
-        st[0] = i + 1
+        i = st.turn
+        st.turn = i + 1
         b = backends[i % len(backends)]
         if b.available and b not in exclude:
             return b
@@ -78,8 +126,8 @@ class Weighted(RoundRobin):
 
     name = "weighted"
 
-    def new_state(self) -> Any:
-        return [0, []]
+    def new_state(self) -> PolicyState:
+        return WeightedState()
 
     def refresh(self, group: "Group") -> None:
         ws = [max(1, min(100, int(b.weight))) for b in group.backends]
@@ -97,15 +145,15 @@ class Weighted(RoundRobin):
             j = max(range(len(ws)), key=current.__getitem__)
             current[j] -= total
             seq.append(group.backends[j])
-        group.state[1] = seq
+        cast(WeightedState, group.state).seq = seq
 
     def pick(self, group: "Group", route: Route, exclude: Collection = _NOTHING) -> "Backend | None":
-        seq = group.state[1]
+        st = cast(WeightedState, group.state)
+        seq = st.seq
         if not seq:
             return None
-        st = group.state
-        i = st[0]
-        st[0] = i + 1
+        i = st.turn
+        st.turn = i + 1
         b = seq[i % len(seq)]
         if b.available and b not in exclude:
             return b
@@ -123,8 +171,8 @@ class LeastRequests(RoundRobin):
         if not n:
             return None
         st = group.state
-        start = st[0]
-        st[0] = start + 1
+        start = st.turn
+        st.turn = start + 1
         best = None
         best_load = 1 << 62
         for k in range(n):
@@ -185,8 +233,8 @@ class Session(RoundRobin):
         route.session_key = session_of(data, headers, self.header)
         route.in_flight = in_flight
 
-    def new_state(self) -> Any:
-        return [0, [], []]  # rr counter, sorted ring hashes, backends at those points
+    def new_state(self) -> PolicyState:
+        return RingState()
 
     def refresh(self, group: "Group") -> None:
         vnodes = max(1, min(self.VNODES, self.MAX_POINTS // max(1, len(group.backends))))
@@ -200,14 +248,16 @@ class Session(RoundRobin):
                 hashes = cache[b.name] = [_hash64(f"{b.name}#{v}") for v in range(vnodes)]
             points.extend((h, b) for h in hashes[:vnodes])
         points.sort(key=itemgetter(0))
-        group.state[1] = [h for h, _ in points]
-        group.state[2] = [b for _, b in points]
+        st = cast(RingState, group.state)
+        st.hashes = [h for h, _ in points]
+        st.ring = [b for _, b in points]
 
     def pick(self, group: "Group", route: Route, exclude: Collection = _NOTHING) -> "Backend | None":
         key = route.session_key
         if key is None:
             return RoundRobin.pick(self, group, route, exclude)
-        hashes, ring = group.state[1], group.state[2]
+        st = cast(RingState, group.state)
+        hashes, ring = st.hashes, st.ring
         n = len(group.backends)
         if not n:
             return None
@@ -302,8 +352,8 @@ class CacheAware(LeastRequests):
             backends = [*near, *random.sample(backends, self.SCAN)]
         else:           # ties go round: the scan starts one further each time
             st = group.state
-            k = st[0] % len(backends)
-            st[0] += 1
+            k = st.turn % len(backends)
+            st.turn += 1
             if k:
                 backends = backends[k:] + backends[:k]
         block, chars, session = self.block, prompt.chars, prompt.session
@@ -376,7 +426,7 @@ class CacheAware(LeastRequests):
         return b, e, predicted, mem
 
 
-def make_policy(name: str, config: "RouterConfig", read_props: PropsReader | None = None) -> Any:
+def make_policy(name: str, config: "RouterConfig", read_props: PropsReader | None = None) -> Policy:
     """The policy object for a policy name from the config."""
     if name == "weighted":
         return Weighted()

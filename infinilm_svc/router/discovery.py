@@ -14,8 +14,9 @@ from urllib.parse import urlparse
 from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
 from ..config.router import RouterConfig
 from ..looplag import freeze_heap
+from .circuit import Circuit
 from .health import Health
-from .table import CLOSED, Backend, Table
+from .table import Backend, Table
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,9 @@ class Discovery:
             name = str(rec.get("name"))
             why = unusable(rec, meta)
             if why is None:
-                b = t.backends.get(name) or Backend(name)
+                b = t.backends.get(name) or Backend(
+                    name, Circuit(self.config.eject_after_failures, self.config.eject_cooldown),
+                    self.config.max_in_flight, self.config.queue_size)
                 before = _routing_view(b)
                 reborn = False
                 try:
@@ -214,7 +217,6 @@ class Discovery:
         healthy = rec.get("is_healthy")
         b.registry_healthy = bool(healthy) if healthy is not None else b.state == "running"
         key = self.config.backend_api_keys.get(b.name, self.config.backend_api_key)
-        b.auth_headers = {"Authorization": f"Bearer {key}"} if key else {}
         b.auth_lines = f"Authorization: Bearer {key}\r\n".encode() if key else b""
         return self._new_incarnation(b, meta, was)
 
@@ -228,7 +230,7 @@ class Discovery:
         back = was != "running" and b.state == "running"
         if (restarted or back) and b.cache is not None:
             b.cache.reset()       # a new process: its caches are empty
-        if not (restarted or back) or (b.circuit == CLOSED and b.active_ok and not b.fail_streak):
+        if not (restarted or back) or (b.circuit.clean and b.active_ok and not b.fail_streak):
             return False
         log.info("backend %s: new incarnation (pid %s, restarts %s); circuit closed, health checks start afresh",
                  b.name, incarnation[0], incarnation[1])

@@ -13,7 +13,7 @@ from typing import Callable
 from ..config.router import RouterConfig
 from .failures import BackendHung, TransportError
 from .pool import Pool
-from .table import CLOSED, HALF_OPEN, OPEN, Backend, Table
+from .table import Backend, Table
 
 log = logging.getLogger(__name__)
 _timeout = getattr(asyncio, "timeout", None)
@@ -34,46 +34,26 @@ class Health:
         self.behind = 0.0                        # how late the last scheduled check started (s)
         self.checks = [0, 0]                     # failed, passed
 
-    # -- passive: the circuit breaker -------------------------------------------------------
+    # -- passive: the circuit breaker (the state is the backend's `Circuit`; the timer is here) ----
     def record_success(self, b: Backend) -> None:
-        """A request to `b` got an answer below 500."""
-        b.circuit_failures = 0
-        if b.circuit != CLOSED:
-            b.trial = False
-            b.circuit = CLOSED
+        """A request to `b` got an answer that says nothing against it."""
+        if b.circuit.record_outcome(True, time.monotonic()):
             log.info("backend %s: circuit closed after a successful trial", b.name)
             self.table.rebuild()
 
     def record_failure(self, b: Backend) -> None:
         """A request to `b` failed to connect, timed out or got a 5xx."""
-        b.circuit_failures += 1
-        if b.circuit == HALF_OPEN or (b.circuit == CLOSED and b.circuit_failures >= self.config.eject_after_failures):
-            self._open(b)
-
-    def trial_started(self, b: Backend) -> None:
-        if b.circuit == HALF_OPEN:
-            b.trial = True
-
-    def trial_abandoned(self, b: Backend) -> None:
-        """The trial ended without a verdict (client went away): allow another trial."""
-        if b.circuit == HALF_OPEN:
-            b.trial = False
-
-    def _open(self, b: Backend) -> None:
-        b.circuit = OPEN
-        b.trial = False
-        b.reopen_at = time.monotonic() + self.config.eject_cooldown
-        if b.reopen is not None:
-            b.reopen.cancel()
-        b.reopen = asyncio.get_running_loop().call_later(self.config.eject_cooldown, self._half_open, b)
-        log.warning("backend %s: circuit open for %gs after %d failure(s)", b.name,
-                    self.config.eject_cooldown, b.circuit_failures)
-        self.table.rebuild()
+        c = b.circuit
+        if c.record_outcome(False, time.monotonic()):
+            if b.reopen is not None:
+                b.reopen.cancel()
+            b.reopen = asyncio.get_running_loop().call_later(c.cooldown, self._half_open, b)
+            log.warning("backend %s: circuit open for %gs after %d failure(s)", b.name, c.cooldown, c.failures)
+            self.table.rebuild()
 
     def _half_open(self, b: Backend) -> None:
         b.reopen = None
-        if b.circuit == OPEN and self.table.backends.get(b.name) is b:
-            b.circuit = HALF_OPEN
+        if self.table.backends.get(b.name) is b and b.circuit.half_open():
             self.table.rebuild()
 
     def forget(self, b: Backend) -> None:
@@ -84,9 +64,7 @@ class Health:
     def reset(self, b: Backend) -> None:
         """Forget every verdict about `b` (a new incarnation): closed circuit, fresh active checks."""
         self.forget(b)
-        b.circuit = CLOSED
-        b.circuit_failures = 0
-        b.trial = False
+        b.circuit.reset()
         b.active_ok = True
         b.fail_streak = 0
         b.ok_streak = 0

@@ -18,6 +18,7 @@ from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from ..wire import dumps
 from .access import AccessLog
+from .admission import QueueFull, QueueTimeout
 from .balancer import Route
 from .failures import (
     BackendHung,
@@ -35,7 +36,7 @@ from .pool import Pool
 from .prompt import content_texts
 from .reply import Reply
 from .stats import Counters, usage_of
-from .table import CLOSED, Backend, Group, Table
+from .table import Backend, Group, Table
 
 log = logging.getLogger(__name__)
 
@@ -329,13 +330,10 @@ class Proxy:
                 break
             ex.backend = b.name
             bs = b.stats
-            if config.max_in_flight:
-                await self._acquire(b)
-            else:
-                bs.in_flight += 1
+            if not b.admission.try_enter():
+                await self._enter(b)
             bs.request_count += 1
-            if b.circuit is not CLOSED:
-                self.health.trial_started(b)
+            b.circuit.started()
             reply: Reply | None = None
             pl = route.placement
             try:
@@ -368,8 +366,7 @@ class Proxy:
                 if reply is not None and not reply.streaming:
                     reply.release()
                 self._release(b)
-                if b.trial:
-                    self.health.trial_abandoned(b)
+                b.circuit.abandoned()
             status = reply.status
             ex.ttfb = ttfb = loop.time() - ex.t0
             ex.nbytes = len(payload)
@@ -383,7 +380,7 @@ class Proxy:
                     continue
                 mstats.error(f"http_{status}", f"backend {b.name} answered {status}", loop.time())
             else:
-                if b.circuit_failures or b.circuit is not CLOSED:
+                if not b.circuit.clean:
                     self.health.record_success(b)
                 if payload:
                     usage = usage_of(payload)
@@ -444,7 +441,7 @@ class Proxy:
         out = web.StreamResponse(status=reply.status, headers=self._response_headers(reply, ex.rid, b))
         if reply.status >= 500:
             self.health.record_failure(b)
-        elif b.circuit_failures or b.circuit is not CLOSED:
+        elif not b.circuit.clean:
             self.health.record_success(b)
         kind = migratable(request.raw_path, adm.data) if self.config.migrations and reply.status == 200 else None
         transcript = Transcript(kind) if kind else None
@@ -538,7 +535,12 @@ class Proxy:
                     ex.rid, ex.backend, progress.tokens, b.name)
         ex.backend = b.name
         pool = self.pool
-        b.stats.in_flight += 1
+        try:
+            await self._enter(b)            # a migration takes its place like any request
+        except ApiError:
+            if pl is not None:
+                pl.finish(False)
+            return None
         b.stats.request_count += 1
         try:
             reply = await pool.request(pool.target(b.url), b"POST", adm.path.encode(),
@@ -573,36 +575,21 @@ class Proxy:
         return out
 
     # -- per-backend concurrency limit ---------------------------------------------------------------------
-    async def _acquire(self, b: Backend) -> None:
-        """Take one of `b`'s max_in_flight slots, waiting in its bounded queue if needed."""
-        bs = b.stats
-        if bs.in_flight < self.config.max_in_flight:
-            bs.in_flight += 1
-            return
-        if len(b.waiters) >= self.config.queue_size:
-            bs.error("queue_full", "queue full", asyncio.get_running_loop().time())
+    async def _enter(self, b: Backend) -> None:
+        """Take one of `b`'s `max_in_flight` places, waiting in its bounded queue (429 when the
+        queue is full, 503 when the wait is over)."""
+        try:
+            await b.admission.enter(self.config.queue_timeout)
+        except QueueFull:
+            b.stats.error("queue_full", "queue full", asyncio.get_running_loop().time())
             raise ApiError(429, f"backend {b.name} is at its limit of {self.config.max_in_flight} requests "
                                 f"and its queue is full", "rate_limit_error", "queue_full",
-                           headers={"Retry-After": "1"})
-        fut = asyncio.get_running_loop().create_future()
-        b.waiters.append(fut)
-        try:
-            await asyncio.wait_for(fut, self.config.queue_timeout)
-        except asyncio.TimeoutError:
-            bs.error("queue_timeout", "queue timeout", asyncio.get_running_loop().time())
+                           headers={"Retry-After": "1"}) from None
+        except QueueTimeout:
+            b.stats.error("queue_timeout", "queue timeout", asyncio.get_running_loop().time())
             raise ApiError(503, f"backend {b.name} stayed busy for {self.config.queue_timeout:g}s",
                            "server_error", "queue_timeout", headers={"Retry-After": "1"}) from None
-        finally:
-            if fut in b.waiters:
-                b.waiters.remove(fut)
 
-    def _release(self, b: Backend) -> None:
-        bs = b.stats
-        bs.in_flight -= 1
-        waiters = b.waiters
-        while waiters:
-            fut = waiters.pop(0)
-            if not fut.done():
-                bs.in_flight += 1  # the slot passes straight to the waiter
-                fut.set_result(None)
-                break
+    @staticmethod
+    def _release(b: Backend) -> None:
+        b.admission.leave()

@@ -76,7 +76,7 @@ class Counters:
 
     __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft", "migrations",
                  "prompt_tokens", "completion_tokens", "cached_tokens", "usage_count", "cache_reports", "last_error",
-                 "last_error_at", "overhead")
+                 "overhead")
 
     def __init__(self) -> None:
         self.request_count = 0
@@ -93,13 +93,11 @@ class Counters:
         self.usage_count = 0            # answers that carried a usage object
         self.cache_reports = 0          # ... of which said how many prompt tokens were cached
         self.last_error: str | None = None
-        self.last_error_at: float | None = None
 
     def error(self, kind: str, message: str, now: float) -> None:
         self.error_count += 1
         self.errors[kind] = self.errors.get(kind, 0) + 1
         self.last_error = f"{kind}: {message}"
-        self.last_error_at = now
 
     def add_tokens(self, usage: tuple[int, int, int | None] | None) -> None:
         if usage is not None:

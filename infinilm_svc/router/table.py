@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..client.registry import registry_urls
 from ..wire import dumps
+from .admission import Admission
+from .circuit import Circuit
 from .stats import Counters
 
 if TYPE_CHECKING:
+    from .balancer import Policy, PolicyState
     from .kvmodel import EngineCache
-
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 class Backend:
@@ -20,12 +21,11 @@ class Backend:
 
     __slots__ = ("name", "host", "port", "url", "babysitter_url", "models", "models_list", "metadata",
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
-                 "fail_streak", "ok_streak", "last_check", "response_time", "circuit", "circuit_failures",
-                 "trial", "routable", "stats", "auth_headers", "auth_lines", "waiters", "reopen",
-                 "reopen_at", "incarnation", "pending", "probing", "suspect_probe", "check_due", "total_slots",
+                 "fail_streak", "ok_streak", "last_check", "response_time", "circuit",
+                 "routable", "stats", "admission", "auth_lines", "reopen", "incarnation", "pending", "probing", "suspect_probe", "check_due", "total_slots",
                  "host_cache", "cache")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, circuit: Circuit | None = None, limit: int = 0, queue_size: int = 100) -> None:
         self.name = name
         self.host = ""
         self.port = 0
@@ -44,20 +44,16 @@ class Backend:
         self.ok_streak = 0
         self.last_check: float | None = None
         self.response_time: float | None = None
-        self.circuit = CLOSED            # passive checks: the circuit breaker
-        self.circuit_failures = 0
-        self.trial = False               # a half-open trial request is in flight
+        self.circuit = circuit or Circuit(1, 10.0)   # passive checks: what requests to it say
         self.routable = True
         self.stats = Counters()
-        self.auth_headers: dict[str, str] = {}
+        self.admission = Admission(self.stats, limit, queue_size)   # max_in_flight and its queue
         self.auth_lines = b""            # the same as request header lines, for the proxy path
         self.pending: set = set()        # replies sent here that have had no byte back yet
         self.probing = False             # an active check is in flight
         self.suspect_probe = 0.0         # loop time of the last probe made because requests waited
         self.check_due = 0.0             # loop time of the next scheduled active check (0: none yet)
-        self.waiters: list[asyncio.Future] = []
-        self.reopen: asyncio.TimerHandle | None = None
-        self.reopen_at = 0.0             # monotonic time the open circuit goes half-open
+        self.reopen: asyncio.TimerHandle | None = None   # the health checker's timer to half-open
         self.incarnation: tuple | None = None   # (pid, restarts, started_at) from the registry record
         self.total_slots = 0             # requests the engine runs at once, if it says (metadata.total_slots)
         self.host_cache: bool | None = None   # a prompt cache beyond the slots (metadata.host_prompt_cache)
@@ -66,20 +62,14 @@ class Backend:
     @property
     def available(self) -> bool:
         """May take a request now (false only while a half-open trial is running)."""
-        return not self.trial
-
-    def circuit_retry_in(self) -> float | None:
-        """Seconds until an open circuit lets a trial request through (None unless open)."""
-        if self.circuit != OPEN:
-            return None
-        return round(max(0.0, self.reopen_at - time.monotonic()), 1)
+        return not self.circuit.trial
 
     def to_json(self) -> dict[str, Any]:
         out = {
             "name": self.name, "host": self.host, "port": self.port, "url": self.url,
             "babysitter_url": self.babysitter_url, "healthy": self.routable, "state": self.state,
             "registry_healthy": self.registry_healthy, "active_healthy": self.active_ok,
-            "circuit": self.circuit, "circuit_retry_in": self.circuit_retry_in(),
+            "circuit": self.circuit.state.value, "circuit_retry_in": self.circuit.retry_in(time.monotonic()),
             "response_time": self.response_time, "last_check": self.last_check,
             "active_fail_streak": self.fail_streak,
             "weight": self.weight, "models": list(self.models), "metadata": self.metadata,
@@ -95,11 +85,11 @@ class Group:
 
     __slots__ = ("key", "backends", "policy", "state")
 
-    def __init__(self, key: tuple[str, str | None], policy: Any) -> None:
+    def __init__(self, key: tuple[str, str | None], policy: "Policy") -> None:
         self.key = key
         self.backends: list[Backend] = []
         self.policy = policy
-        self.state: Any = policy.new_state()
+        self.state: PolicyState = policy.new_state()
 
     def refresh(self, backends: list[Backend]) -> None:
         self.backends = backends
@@ -109,7 +99,7 @@ class Group:
 class Table:
     """Backends by name, plus everything derived from them that requests need in O(1)."""
 
-    def __init__(self, policy_for: Callable[[str], Any], registry_url: str | Sequence[str] | None) -> None:
+    def __init__(self, policy_for: Callable[[str], "Policy"], registry_url: str | Sequence[str] | None) -> None:
         self.policy_for = policy_for
         self.registry_urls = registry_urls(registry_url)
         self.registry_url = self.registry_urls[0] if self.registry_urls else None   # the one in use
@@ -137,7 +127,7 @@ class Table:
         ejected: dict[str, list[Backend]] = {}   # eligible but circuit open: the panic fallback
         for b in self.backends.values():
             eligible = b.registry_healthy and b.active_ok
-            b.routable = eligible and b.circuit != OPEN
+            b.routable = eligible and not b.circuit.is_open
             known.update(b.models)
             if not b.routable:
                 if eligible:
