@@ -368,6 +368,9 @@ def _embedding(text: str, dim: int) -> list[float]:
 
 
 async def embeddings(request: web.Request) -> web.Response:
+    if request.app[OPTIONS].no_embeddings:
+        raise ApiError(501, "This server does not support embeddings. Start it with `--embeddings`",
+                       "not_supported_error")
     body, model = await _request_body(request)
     inp = body.get("input")
     if isinstance(inp, str):

@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                         "`id_slot` picks the slot, cached prompt tokens are reported (default 0: no slots)")
     p.add_argument("--prefill-ms-per-token", type=float, default=0.0, metavar="MS",
                    help="with --slots: time per prompt token not in the slot's cache")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="answer 501 to embeddings requests, as llama-server started without --embeddings")
     p.add_argument("--strict-fields", action="store_true",
                    help="answer 400 to request fields OpenAI does not define (such as id_slot)")
     p.add_argument("--loop", default=default_loop(), choices=LOOPS, help="event loop (default: uvloop where available)")
@@ -67,7 +69,7 @@ def parse_options(argv: list[str]) -> MockOptions:
                        crash_after=a.crash_after, hang_after=a.hang_after, startup_delay=a.startup_delay,
                        die_mid_stream_after=a.die_mid_stream_after,
                        embedding_dim=a.embedding_dim, slots=a.slots, prefill_ms_per_token=a.prefill_ms_per_token,
-                       strict_fields=a.strict_fields)
+                       strict_fields=a.strict_fields, no_embeddings=a.no_embeddings)
 
 
 async def _run(options: MockOptions) -> int:

@@ -23,4 +23,5 @@ class MockOptions:
     embedding_dim: int = 16
     slots: int = 0                  # emulate an engine with this many slots and a prompt cache (0: none)
     prefill_ms_per_token: float = 0.0   # with slots: time per uncached prompt token
+    no_embeddings: bool = False     # answer 501 to embeddings, as llama-server without --embeddings
     strict_fields: bool = False     # refuse request fields OpenAI does not define (400), as strict servers do

@@ -228,8 +228,10 @@ class Discovery:
         before, b.incarnation = b.incarnation, incarnation
         restarted = before is not None and incarnation != before and incarnation[0] is not None
         back = was != "running" and b.state == "running"
-        if (restarted or back) and b.cache is not None:
-            b.cache.reset()       # a new process: its caches are empty
+        if restarted or back:
+            b.lacks.clear()       # a new process: it may serve what its predecessor did not
+            if b.cache is not None:
+                b.cache.reset()   # and its caches are empty
         if not (restarted or back) or (b.circuit.clean and b.active_ok and not b.fail_streak):
             return False
         log.info("backend %s: new incarnation (pid %s, restarts %s); circuit closed, health checks start afresh",

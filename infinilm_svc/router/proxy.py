@@ -65,6 +65,12 @@ def with_slot(body: bytes, slot: int) -> bytes | None:
     return b'{"id_slot":%d%s%s' % (slot, b"" if rest.lstrip()[:1] == b"}" else b",", rest)
 
 
+def endpoint_of(path: str) -> str:
+    """The OpenAI endpoint of a request path: without its query, always with /v1."""
+    p = path.partition("?")[0]
+    return p if p.startswith("/v1/") else "/v1" + p
+
+
 def slot_refused(status: int, payload: bytes) -> bool:
     """An engine's answer that says it does not take the slot field (OpenAI-style strict servers
     answer 400 "Unrecognized request argument supplied: id_slot")."""
@@ -322,10 +328,19 @@ class Proxy:
         exclude: list[Backend] = []
         fallback: web.Response | None = None
         failure: tuple[Failure, str] | None = None
-        for attempt in range(self.attempts):
-            if attempt:
+        endpoint = endpoint_of(adm.path)
+        lacking: list[str] = []       # backends that do not serve this endpoint (501, now or before)
+        attempt = 0                   # attempts that failed (an endpoint a backend lacks is not one)
+        backoff = False
+        while attempt < self.attempts:
+            if backoff:                    # after a failure, not after a backend that lacks the endpoint
+                backoff = False
                 await asyncio.sleep(config.retry_backoff * (1 << (attempt - 1)) * (0.5 + random.random()))
             b = policy.pick(adm.group, route, exclude)
+            while b is not None and endpoint in b.lacks:     # known not to serve it: not asked again
+                exclude.append(b)
+                lacking.append(b.name)
+                b = policy.pick(adm.group, route, exclude)
             if b is None:
                 break
             ex.backend = b.name
@@ -357,6 +372,8 @@ class Proxy:
                 bs.error(f.kind, msg, loop.time())
                 self.health.record_failure(b)
                 exclude.append(b)
+                attempt += 1
+                backoff = True
                 if not (config.retry_on_timeout if f.retry is None else f.retry):
                     break
                 continue
@@ -371,12 +388,23 @@ class Proxy:
             ex.ttfb = ttfb = loop.time() - ex.t0
             ex.nbytes = len(payload)
             answer = web.Response(body=payload, status=status, headers=self._response_headers(reply, ex.rid, b))
+            if status == 501:
+                # Not Implemented: an endpoint this engine lacks (llama-server's embeddings without
+                # --embeddings), not a broken backend. Learned, and asked elsewhere.
+                if endpoint not in b.lacks:
+                    b.lacks.add(endpoint)
+                    log.info("backend %s: does not serve %s (501); it is not asked for it again", b.name, endpoint)
+                lacking.append(b.name)
+                exclude.append(b)
+                continue
             if status >= 500:
                 self.health.record_failure(b)
                 bs.error(f"http_{status}", payload[:200].decode(errors="replace"), loop.time())
-                if status in RETRY_STATUSES and attempt + 1 < self.attempts:
+                attempt += 1
+                if status in RETRY_STATUSES and attempt < self.attempts:
                     exclude.append(b)
                     fallback = answer
+                    backoff = True
                     continue
                 mstats.error(f"http_{status}", f"backend {b.name} answered {status}", loop.time())
             else:
@@ -392,6 +420,11 @@ class Proxy:
                 c.ttft.add(ttfb)
             mstats.overhead.add(ex.sent - ex.started)      # the router's own time before the backend had it
             return answer
+        if lacking and fallback is None and failure is None:
+            ex.status = 501
+            raise ApiError(501, f"no backend serving model '{adm.model}' answers {endpoint}: "
+                                f"{', '.join(sorted(set(lacking)))} answered 501 Not Implemented",
+                           "invalid_request_error", "unsupported_endpoint")
         if fallback is not None:
             ex.status = fallback.status
             mstats.error(f"http_{ex.status}", "every backend tried answered 5xx", loop.time())

@@ -23,7 +23,7 @@ class Backend:
                  "weight", "cache_type", "static", "registry_healthy", "state", "active_ok",
                  "fail_streak", "ok_streak", "last_check", "response_time", "circuit",
                  "routable", "stats", "admission", "auth_lines", "reopen", "incarnation", "pending", "probing", "suspect_probe", "check_due", "total_slots",
-                 "host_cache", "cache")
+                 "host_cache", "cache", "lacks")
 
     def __init__(self, name: str, circuit: Circuit | None = None, limit: int = 0, queue_size: int = 100) -> None:
         self.name = name
@@ -58,6 +58,7 @@ class Backend:
         self.total_slots = 0             # requests the engine runs at once, if it says (metadata.total_slots)
         self.host_cache: bool | None = None   # a prompt cache beyond the slots (metadata.host_prompt_cache)
         self.cache: EngineCache | None = None   # the cache model's view of this engine (cache_aware)
+        self.lacks: set[str] = set()     # endpoints it answered 501 to (this process of it)
 
     @property
     def available(self) -> bool:
@@ -73,6 +74,7 @@ class Backend:
             "response_time": self.response_time, "last_check": self.last_check,
             "active_fail_streak": self.fail_streak,
             "weight": self.weight, "models": list(self.models), "metadata": self.metadata,
+            "lacks": sorted(self.lacks),
         }
         out.update(self.stats.to_json())
         if self.cache is not None:
