@@ -71,6 +71,9 @@ def families(group: str) -> list[tuple[str, str, str, Rows]]:
          lambda lab, c: (f"{p}_requests_total{{{lab}}} {num(c.request_count)}\n",)),
         (f"{p}_errors_total", "counter", f"Errors per {group} by kind",
          lambda lab, c: (f'{p}_errors_total{{{lab},kind="{label(k)}"}} {num(n)}\n' for k, n in c.errors.items())),
+        (f"{p}_errors_absorbed_total", "counter", f"Errors per {group} that no client saw (the request was "
+         "retried or its stream continued elsewhere)",
+         lambda lab, c: (f"{p}_errors_absorbed_total{{{lab}}} {num(c.absorbed)}\n",)),
         (f"{p}_in_flight", "gauge", f"Requests in flight per {group}",
          lambda lab, c: (f"{p}_in_flight{{{lab}}} {num(c.in_flight)}\n",)),
         (f"{p}_tokens_total", "counter", f"Tokens reported in usage per {group} (type: prompt, completion, "

@@ -65,6 +65,13 @@ def with_slot(body: bytes, slot: int) -> bytes | None:
     return b'{"id_slot":%d%s%s' % (slot, b"" if rest.lstrip()[:1] == b"}" else b",", rest)
 
 
+def absorbed(ex: "Exchange") -> None:
+    """The client got its answer: the failures on the way were absorbed (retried or migrated)."""
+    for c in ex.failed:
+        c.absorbed += 1
+    ex.failed.clear()
+
+
 def endpoint_of(path: str) -> str:
     """The OpenAI endpoint of a request path: without its query, always with /v1."""
     p = path.partition("?")[0]
@@ -121,7 +128,7 @@ class Exchange:
     """What one request did, for the access log and the statistics (filled in as it goes)."""
 
     __slots__ = ("rid", "model", "backend", "status", "t0", "ttfb", "nbytes", "migrations", "started", "sent",
-                 "answered")
+                 "answered", "tried", "failed")
 
     def __init__(self, rid: str, t0: float) -> None:
         self.rid = rid
@@ -136,6 +143,8 @@ class Exchange:
         self.started = perf_counter()   # when the handler began
         self.sent = 0.0                 # when the request that answered went to its backend
         self.answered = 0.0             # when that backend's head was in
+        self.tried = t0                 # loop time the current backend was asked (its own figures start here)
+        self.failed: list[Counters] = []   # backends that failed this request (absorbed if it succeeds)
 
 
 class Admitted(NamedTuple):
@@ -198,9 +207,11 @@ class StreamRelay:
             if b'"timings"' in data or b'"cached_tokens"' in data:
                 pl.observe(data)
         if ex.ttfb is None:
-            ex.ttfb = ttfb = self.loop.time() - ex.t0
-            for c in self.counters:
-                c.ttft.add(ttfb)
+            now = self.loop.time()
+            ex.ttfb = ttfb = now - ex.t0
+            backend, model = self.counters
+            backend.ttft.add(now - ex.tried)      # the backend's own; the client's wait is the model's
+            model.ttft.add(ttfb)
         t.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
         ex.nbytes += len(data)
         if b"[DONE]" in data:
@@ -353,6 +364,7 @@ class Proxy:
             pl = route.placement
             try:
                 headers = adm.headers + b.auth_lines if b.auth_lines else adm.headers
+                ex.tried = loop.time()
                 ex.sent = perf_counter()
                 reply, payload = await self._send(b, pl, method, path, headers, adm.body)
                 ex.answered = perf_counter()
@@ -370,6 +382,7 @@ class Proxy:
                 msg = f"backend {b.name}: {exc}"
                 failure = (f, msg)
                 bs.error(f.kind, msg, loop.time())
+                ex.failed.append(bs)
                 self.health.record_failure(b)
                 exclude.append(b)
                 attempt += 1
@@ -400,6 +413,7 @@ class Proxy:
             if status >= 500:
                 self.health.record_failure(b)
                 bs.error(f"http_{status}", payload[:200].decode(errors="replace"), loop.time())
+                ex.failed.append(bs)
                 attempt += 1
                 if status in RETRY_STATUSES and attempt < self.attempts:
                     exclude.append(b)
@@ -415,9 +429,13 @@ class Proxy:
                     if usage is not None:
                         bs.add_tokens(usage)
                         mstats.add_tokens(usage)
-            for c in (bs, mstats):
-                c.latency.add(ttfb)
-                c.ttft.add(ttfb)
+            own = loop.time() - ex.tried
+            bs.latency.add(own)
+            bs.ttft.add(own)
+            mstats.latency.add(ttfb)
+            mstats.ttft.add(ttfb)
+            if status < 500:
+                absorbed(ex)
             mstats.overhead.add(ex.sent - ex.started)      # the router's own time before the backend had it
             return answer
         if lacking and fallback is None and failure is None:
@@ -501,6 +519,8 @@ class Proxy:
                     f = FAILURES[type(exc)]
                     msg = f"backend {b.name} failed mid-stream: {exc}"
                     b.stats.error(f.stream_kind, msg, loop.time())
+                    b.stats.latency.add(loop.time() - ex.tried)
+                    ex.failed.append(b.stats)
                     self.health.record_failure(b)
                     exclude.append(b)
                     moved = None
@@ -536,9 +556,11 @@ class Proxy:
                 relay.placement.finish(relay.done_seen or reply.complete)
             elif route.placement is not None:
                 route.placement.finish(False)
-            lat = loop.time() - ex.t0
-            for c in (b.stats, mstats):
-                c.latency.add(lat)
+            now = loop.time()
+            b.stats.latency.add(now - ex.tried)
+            mstats.latency.add(now - ex.t0)
+            if relay is not None and relay.done_seen:
+                absorbed(ex)
             for h in held:
                 self._release(h)
         try:
@@ -575,6 +597,7 @@ class Proxy:
                 pl.finish(False)
             return None
         b.stats.request_count += 1
+        ex.tried = asyncio.get_running_loop().time()
         try:
             reply = await pool.request(pool.target(b.url), b"POST", adm.path.encode(),
                                        adm.headers + b.auth_lines if b.auth_lines else adm.headers,

@@ -76,7 +76,7 @@ class Counters:
 
     __slots__ = ("request_count", "error_count", "errors", "in_flight", "latency", "ttft", "migrations",
                  "prompt_tokens", "completion_tokens", "cached_tokens", "usage_count", "cache_reports", "last_error",
-                 "overhead")
+                 "overhead", "absorbed")
 
     def __init__(self) -> None:
         self.request_count = 0
@@ -87,6 +87,7 @@ class Counters:
         self.latency = Samples()
         self.ttft = Samples()
         self.overhead = Samples()       # the router's own time on a request (models only; see Proxy)
+        self.absorbed = 0               # errors here that no client saw (retried or migrated elsewhere)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.cached_tokens = 0          # prompt tokens the engine reports it took from its cache
@@ -117,6 +118,7 @@ class Counters:
         return {
             "request_count": self.request_count,
             "error_count": self.error_count,
+            "errors_absorbed": self.absorbed,
             "in_flight": self.in_flight,
             "errors": dict(self.errors),
             "migrations": self.migrations,
