@@ -48,9 +48,16 @@ class RouterConfig:
     upstream_max_idle: int = 32             # idle keep-alive connections kept per backend
     upstream_idle_timeout: float = 30.0     # an idle connection to a backend is closed after this long
     read_timeout: float = 600.0             # idle time between bytes from a backend (no total timeout)
-    max_in_flight: int = 0                  # per backend; 0 = unlimited
-    queue_size: int = 100                   # waiters per backend when max_in_flight is reached
-    queue_timeout: float = 30.0
+    max_in_flight: int = 0                  # requests per backend at once, for every backend (0: see below)
+    backend_capacity: Mapping[str, int] = field(default_factory=dict)   # per backend name, before max_in_flight
+    capacity_from_slots: bool = True        # else: what the engine says it runs at once (metadata.total_slots)
+    default_capacity: int = 0               # else this (0: no limit)
+    queue_size: int = 100                   # requests waiting per model, at most
+    queue_timeout: float = 30.0             # longest wait in the queue, then 503
+    reserve_share: float = 0.1              # of a model's places, what flex (batch) work never takes
+    tier_header: str = "X-Service-Tier"     # the class when the body has no service_tier
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)   # fair-share weight per tenant (default 1)
+    priority_keys: tuple[str, ...] = ()     # with api_keys: the keys allowed to ask for service_tier priority
     session_load_factor: float = 1.25       # bounded-load consistent hashing
     cache_min_match: int = 64               # cache_aware: shortest useful prefix match (chars)
     cache_balance_ratio: float = 1.5        # cache_aware: skip the match if its load is this much over the least
@@ -96,6 +103,20 @@ class RouterConfig:
                      "cache_balance_abs"):
             if getattr(self, name) < 0:
                 out.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
+        for name, n in self.backend_capacity.items():
+            if n < 0:
+                out.append((f"backend_capacity.{name}", f"a capacity must be >= 0, got {n}"))
+        if self.default_capacity < 0:
+            out.append(("default_capacity", f"default_capacity must be >= 0, got {self.default_capacity}"))
+        if not 0 <= self.reserve_share < 1:
+            out.append(("reserve_share", f"reserve_share must be at least 0 and below 1, got {self.reserve_share}"))
+        for name, w in self.tenant_weights.items():
+            if not w > 0:
+                out.append((f"tenant_weights.{name}", f"a tenant's weight must be > 0, got {w}"))
+        if self.priority_keys and not self.api_keys:
+            out.append(("priority_keys", "priority_keys name API keys: set api_keys too"))
+        elif any(k not in self.api_keys for k in self.priority_keys):
+            out.append(("priority_keys", "every priority key must be one of api_keys"))
         if self.keepalive_drain < 0:
             out.append(("keepalive_drain", f"keepalive_drain must be >= 0, got {self.keepalive_drain}"))
         if self.registry_reset_grace < 0:

@@ -24,6 +24,7 @@ from .health import Health
 from .metrics import CONTENT_TYPE, SLICE, Exposition
 from .pool import Pool
 from .proxy import Proxy
+from .queueing import Scheduler
 from .table import Backend, Table
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ async def stream_json(request: web.BaseRequest, head: dict, key: str, items: lis
 
 
 def local_endpoints(table: Table, proxy: Proxy, tasks: TaskSupervisor, lag: LoopLag) -> dict[str, Handler]:
+    def queues() -> dict:
+        return {("/".join(k for k in key if k) or "(none)"): q.to_json() for key, q in proxy.scheduler.queues.items()
+                if q.tenants or q.waiting}
+
     """The router's own GET endpoints, by path (everything else is proxied)."""
 
     async def health(request: web.BaseRequest) -> web.Response:
@@ -113,6 +118,7 @@ def local_endpoints(table: Table, proxy: Proxy, tasks: TaskSupervisor, lag: Loop
             "event_loop_lag": lag.to_json(),
         }, "services", listed, Backend.to_json, {
             "models": {m or "(none)": c.to_json() for m, c in table.model_stats.items() if m or c.request_count},
+            "queues": queues(),
         })
 
     return {"/health": health, "/status": health, "/models": models, "/v1/models": v1_models,
@@ -209,11 +215,12 @@ def create_app(config: RouterConfig) -> web.Application:
     table = Table(policy_for, config.registry_url)
     pool = Pool(config.connect_timeout, config.read_timeout, config.upstream_idle_timeout, config.upstream_max_idle)
     health = Health(config, table, pool)
-    proxy = Proxy(config, table, health, pool)
+    scheduler = Scheduler(config)
+    proxy = Proxy(config, table, health, pool, scheduler)
     app[CONFIG] = config
     app[TABLE] = table
     app[HEALTH] = health
-    app[DISCOVERY] = Discovery(config, table, health)
+    app[DISCOVERY] = Discovery(config, table, health, scheduler.freed)
     app[PROXY] = proxy
     lag = app[LAG] = LoopLag()
     exposition = Exposition(table, health, lag)

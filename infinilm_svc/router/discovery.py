@@ -8,7 +8,7 @@ import random
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 from ..client.registry import RegistryClient, RegistryRejected, RegistryUnavailable
@@ -45,6 +45,13 @@ def load_static_services(path: str) -> list[dict]:
     return out
 
 
+def capacity(config: RouterConfig, b: Backend) -> int:
+    """Requests `b` runs at once (0: no limit): its own setting, else the router's for every
+    backend, else what its engine says (its slots), else the default for engines that do not say."""
+    return (config.backend_capacity.get(b.name) or config.max_in_flight
+            or (b.total_slots if config.capacity_from_slots else 0) or config.default_capacity)
+
+
 def unusable(rec: dict, meta: dict) -> str | None:
     """Why a registry record of type openai-api cannot be routed to, or None when it can."""
     url = rec.get("url")
@@ -77,14 +84,16 @@ def unusable(rec: dict, meta: dict) -> str | None:
 def _routing_view(b: Backend) -> tuple:
     """What routing depends on: a change here rebuilds the candidate lists."""
     return (b.url, b.models, len(b.models_list), b.weight, b.cache_type, b.registry_healthy,
-            [m.get("id") for m in b.models_list], b.total_slots, b.host_cache)
+            [m.get("id") for m in b.models_list], b.total_slots, b.host_cache, b.admission.limit)
 
 
 class Discovery:
     """Keeps the table in step with the registry (blocking queries) and the static file."""
 
-    def __init__(self, config: RouterConfig, table: Table, health: Health) -> None:
+    def __init__(self, config: RouterConfig, table: Table, health: Health,
+                 on_free: "Callable[[Backend], bool] | None" = None) -> None:
         self.config = config
+        self.on_free = on_free          # the scheduler, offered every place freed on a backend
         self.table = table
         self.health = health
         # After the registry may have restarted (its index went back, or it was unreachable), the
@@ -138,8 +147,7 @@ class Discovery:
             why = unusable(rec, meta)
             if why is None:
                 b = t.backends.get(name) or Backend(
-                    name, Circuit(self.config.eject_after_failures, self.config.eject_cooldown),
-                    self.config.max_in_flight, self.config.queue_size)
+                    name, Circuit(self.config.eject_after_failures, self.config.eject_cooldown), self.on_free)
                 before = _routing_view(b)
                 reborn = False
                 try:
@@ -211,6 +219,7 @@ class Discovery:
         b.total_slots = slots if isinstance(slots, int) and not isinstance(slots, bool) and 0 < slots <= 1024 else 0
         kept = meta.get("host_prompt_cache")
         b.host_cache = kept if isinstance(kept, bool) else None
+        b.admission.limit = capacity(self.config, b)
         b.static = static
         was = b.state
         b.state = str(rec.get("status", "running"))

@@ -13,12 +13,11 @@ from typing import Any, NamedTuple
 from aiohttp import web
 from aiohttp.http import StreamWriter
 
-from ..auth import KeyRing
+from ..auth import KeyRing, bearer_token
 from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from ..wire import dumps
 from .access import AccessLog
-from .admission import QueueFull, QueueTimeout
 from .balancer import Route
 from .failures import (
     BackendHung,
@@ -34,6 +33,7 @@ from .kvmodel import Placement
 from .migration import Transcript, continuation, migratable
 from .pool import Pool
 from .prompt import content_texts
+from .queueing import Ask, QueueFull, QueueTimeout, Scheduler, classify, request_key
 from .reply import Reply
 from .stats import Counters, usage_of
 from .table import Backend, Group, Table
@@ -128,7 +128,7 @@ class Exchange:
     """What one request did, for the access log and the statistics (filled in as it goes)."""
 
     __slots__ = ("rid", "model", "backend", "status", "t0", "ttfb", "nbytes", "migrations", "started", "sent",
-                 "answered", "tried", "failed")
+                 "answered", "tried", "failed", "ask", "tokens")
 
     def __init__(self, rid: str, t0: float) -> None:
         self.rid = rid
@@ -145,6 +145,8 @@ class Exchange:
         self.answered = 0.0             # when that backend's head was in
         self.tried = t0                 # loop time the current backend was asked (its own figures start here)
         self.failed: list[Counters] = []   # backends that failed this request (absorbed if it succeeds)
+        self.ask: Ask | None = None         # its place in its model's queue
+        self.tokens: int | None = None      # what the engine said it cost (usage)
 
 
 class Admitted(NamedTuple):
@@ -156,6 +158,8 @@ class Admitted(NamedTuple):
     group: Group
     headers: bytes        # header lines forwarded to the backend
     path: str             # the request's path and query, as sent
+    rank: int             # its class (queueing.CLASSES)
+    tenant: str           # whose work it is, for fair shares
 
 
 class ClientGone(Exception):
@@ -221,6 +225,7 @@ class StreamRelay:
             if usage is not None:
                 for c in self.counters:
                     c.add_tokens(usage)
+                ex.tokens = usage[0] + usage[1]
         return t.get_write_buffer_size() > _CLIENT_HIGH_WATER
 
     async def drain(self) -> None:
@@ -234,12 +239,15 @@ class StreamRelay:
 class Proxy:
     """Forwards client requests to backends chosen by the table's policies."""
 
-    def __init__(self, config: RouterConfig, table: Table, health: Health, pool: Pool) -> None:
+    def __init__(self, config: RouterConfig, table: Table, health: Health, pool: Pool,
+                 scheduler: Scheduler) -> None:
         self.config = config
         self.table = table
         self.health = health
         self.pool = pool
+        self.scheduler = scheduler
         self.keys = KeyRing(config.api_keys) if config.api_keys else None
+        self.promoters = KeyRing(config.priority_keys)    # keys that may ask for priority
         self.attempts = config.retries + 1
         self.id_prefix = os.urandom(4).hex()
         self.ids = count(1)
@@ -281,10 +289,14 @@ class Proxy:
         adm.group.policy.prepare(route, adm.data, request.headers, mstats.in_flight)
         mstats.request_count += 1
         mstats.in_flight += 1
+        limit = adm.data.get("max_tokens") if adm.data is not None else None
+        cost = len(adm.body) / 4 + (limit if isinstance(limit, int) and not isinstance(limit, bool) else 256)
+        ex.ask = self.scheduler.queue(adm.group).ask(adm.tenant, adm.rank, cost)
         try:
             return await self._attempt(request, adm, route, mstats, ex)
         finally:
             mstats.in_flight -= 1
+            ex.ask.finished(ex.tokens)
 
     # -- admit: auth, body, model, group -------------------------------------------------------------
     async def _admit(self, request: web.BaseRequest, ex: Exchange) -> Admitted:
@@ -326,7 +338,11 @@ class Proxy:
                 encoding = encoding or n == b"accept-encoding"
         if not encoding:
             lines.append(b"Accept-Encoding: identity\r\n")
-        return Admitted(body, data, model, group, b"".join(lines), path)
+        token = bearer_token(request.headers.get("Authorization")) if self.keys is not None else None
+        rank, tenant = classify(data, request.headers, token, self.config,
+                                token is None or (bool(self.config.priority_keys)
+                                                  and self.promoters.allows(request.headers.get("Authorization"))))
+        return Admitted(body, data, model, group, b"".join(lines), path, rank, tenant)
 
     # -- attempt: pick, send, retry before the first byte ------------------------------------------------
     async def _attempt(self, request: web.BaseRequest, adm: Admitted, route: Route, mstats: Counters,
@@ -354,10 +370,13 @@ class Proxy:
                 b = policy.pick(adm.group, route, exclude)
             if b is None:
                 break
-            ex.backend = b.name
+            b = await self._place(adm, route, ex, b, exclude)
+            ask = ex.ask
+            assert ask is not None
+            if not ask.started:
+                ask.queue.started(ask)
             bs = b.stats
-            if not b.admission.try_enter():
-                await self._enter(b)
+            ex.backend = b.name
             bs.request_count += 1
             b.circuit.started()
             reply: Reply | None = None
@@ -429,6 +448,7 @@ class Proxy:
                     if usage is not None:
                         bs.add_tokens(usage)
                         mstats.add_tokens(usage)
+                        ex.tokens = usage[0] + usage[1]
             own = loop.time() - ex.tried
             bs.latency.add(own)
             bs.ttft.add(own)
@@ -580,6 +600,10 @@ class Proxy:
         b = adm.group.policy.pick(adm.group, route, exclude)
         if b is None:
             return None
+        try:
+            b = await self._place(adm, route, ex, b, exclude, first=True)   # like any request, but first
+        except ApiError:
+            return None
         pl = route.placement
         if pl is not None:
             if pl.pin is not None:
@@ -590,12 +614,6 @@ class Proxy:
                     ex.rid, ex.backend, progress.tokens, b.name)
         ex.backend = b.name
         pool = self.pool
-        try:
-            await self._enter(b)            # a migration takes its place like any request
-        except ApiError:
-            if pl is not None:
-                pl.finish(False)
-            return None
         b.stats.request_count += 1
         ex.tried = asyncio.get_running_loop().time()
         try:
@@ -630,21 +648,52 @@ class Proxy:
         out["X-InfiniLM-Backend"] = b.name
         return out
 
-    # -- per-backend concurrency limit ---------------------------------------------------------------------
-    async def _enter(self, b: Backend) -> None:
-        """Take one of `b`'s `max_in_flight` places, waiting in its bounded queue (429 when the
-        queue is full, 503 when the wait is over)."""
-        try:
-            await b.admission.enter(self.config.queue_timeout)
-        except QueueFull:
-            b.stats.error("queue_full", "queue full", asyncio.get_running_loop().time())
-            raise ApiError(429, f"backend {b.name} is at its limit of {self.config.max_in_flight} requests "
-                                f"and its queue is full", "rate_limit_error", "queue_full",
-                           headers={"Retry-After": "1"}) from None
-        except QueueTimeout:
-            b.stats.error("queue_timeout", "queue timeout", asyncio.get_running_loop().time())
-            raise ApiError(503, f"backend {b.name} stayed busy for {self.config.queue_timeout:g}s",
-                           "server_error", "queue_timeout", headers={"Retry-After": "1"}) from None
+    # -- places on backends: the engines' capacity, and the model's queue ---------------------------------
+    async def _place(self, adm: Admitted, route: Route, ex: Exchange, b: Backend, exclude: list[Backend],
+                     first: bool = False) -> Backend:
+        """A backend with a place taken for this request: the policy's choice `b` if it has one free
+        (and the request's class may take it), else the policy's next choice that has, else the
+        first of the model's backends to free one, after waiting in the model's queue (`first`: a
+        migration, which waits ahead of every class). 429 when the queue has no room for it (with
+        when to come back), 503 when the wait is over."""
+        ask = ex.ask
+        assert ask is not None
+        q = ask.queue
+        policy = adm.group.policy
+        if q.may_start(0 if first else ask.rank):
+            if b.admission.try_enter():
+                return b
+            tried = [*exclude, b]
+            for _ in range(3):
+                alt = policy.pick(adm.group, route, tried)
+                if alt is None:
+                    break
+                if alt.admission.try_enter():
+                    return alt
+                tried.append(alt)
+        waiting = q.ask(ask.tenant.name, 0, ask.cost) if first else ask
+        key = request_key(ask.tenant.name, adm.body)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.queue_timeout
+        while True:
+            try:
+                got = await q.wait(waiting, key, max(0.0, deadline - loop.time()))
+            except QueueFull as exc:
+                raise ApiError(429, f"model '{adm.model}' is at capacity and its queue has no room for this "
+                                    f"request: {exc}; retry after {exc.retry_after} s", "rate_limit_error",
+                               "queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+            except QueueTimeout:
+                raise ApiError(503, f"model '{adm.model}' stayed at capacity for {self.config.queue_timeout:g}s",
+                               "server_error", "queue_timeout", headers={"Retry-After": "1"}) from None
+            if got not in exclude:
+                break
+            got.admission.leave()        # a backend that already failed this request: wait on
+        if got is not b and route.placement is not None:
+            # The cache model placed it on `b`: place it again on the backend it got.
+            solo = Group(adm.group.key, policy)
+            solo.refresh([got])
+            policy.pick(solo, route)
+        return got
 
     @staticmethod
     def _release(b: Backend) -> None:

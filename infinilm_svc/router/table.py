@@ -25,7 +25,8 @@ class Backend:
                  "routable", "stats", "admission", "auth_lines", "reopen", "incarnation", "pending", "probing", "suspect_probe", "check_due", "total_slots",
                  "host_cache", "cache", "lacks")
 
-    def __init__(self, name: str, circuit: Circuit | None = None, limit: int = 0, queue_size: int = 100) -> None:
+    def __init__(self, name: str, circuit: Circuit | None = None,
+                 on_free: "Callable[[Backend], bool] | None" = None) -> None:
         self.name = name
         self.host = ""
         self.port = 0
@@ -47,7 +48,7 @@ class Backend:
         self.circuit = circuit or Circuit(1, 10.0)   # passive checks: what requests to it say
         self.routable = True
         self.stats = Counters()
-        self.admission = Admission(self.stats, limit, queue_size)   # max_in_flight and its queue
+        self.admission = Admission(self, self.stats, 0, on_free)   # its capacity: places for requests
         self.auth_lines = b""            # the same as request header lines, for the proxy path
         self.pending: set = set()        # replies sent here that have had no byte back yet
         self.probing = False             # an active check is in flight
