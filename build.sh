@@ -110,6 +110,10 @@ build_engine() {
     fi
     "$VENV/bin/python" tools/tiny_llama.py --vocab "$ENGINE_DIR/vocab/ggml-vocab-llama-spm.gguf" \
         --out-dir "$ENGINE_DIR/models"
+    # A bigger one (256 wide, 4 blocks): prefill and generation cost real time on one thread
+    # (the cancellation tests and bench/cache_routing.py use it).
+    "$VENV/bin/python" tools/tiny_llama.py --vocab "$ENGINE_DIR/vocab/ggml-vocab-llama-spm.gguf" \
+        --out-dir "$ENGINE_DIR/models" --width 256 --blocks 4 --name bench-llama-256x4
     flock -u 8
 }
 

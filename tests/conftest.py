@@ -36,7 +36,7 @@ def pytest_report_header(config):
 # restart test does: run side by side, one put 0 back in the middle of the other's restart, and
 # about 1 connection in 3,000 to the closing router was reset (2 of 8,682 in a CI run).
 HEAVY = {"test_demo_e2e": "engines", "test_engine": "engines", "test_router_migration_engine": "engines",
-         "test_engine_cache": "engines",
+         "test_engine_cache": "engines", "test_engine_overload": "engines",
          "test_registry_ha": "load", "test_router_hang": "load", "test_router_restart": "load",
          "test_bench_chaos": "load"}
 

@@ -27,13 +27,15 @@ class Engine:
     server: Path          # the llama-server program (its libraries beside it)
     model_1: Path         # tiny llama, seed 1
     model_2: Path         # tiny llama, seed 2
+    model_big: Path       # 256 wide x 4 blocks: generation takes real time (tens of ms a token)
 
 
 def find_engine() -> Engine:
     """The built engine, or skip (fail under ./build.sh test, which builds it first)."""
     d = engine_dir()
-    eng = Engine(d / "bin" / "llama-server", d / "models" / "tiny-llama-s1.gguf", d / "models" / "tiny-llama-s2.gguf")
-    missing = [str(p) for p in (eng.server, eng.model_1, eng.model_2) if not p.exists()]
+    eng = Engine(d / "bin" / "llama-server", d / "models" / "tiny-llama-s1.gguf", d / "models" / "tiny-llama-s2.gguf",
+                 d / "models" / "bench-llama-256x4.gguf")
+    missing = [str(p) for p in (eng.server, eng.model_1, eng.model_2, eng.model_big) if not p.exists()]
     if missing:
         msg = f"the real engine is not built ({', '.join(missing)} missing): run ./build.sh engine"
         if os.environ.get("INFINILM_ENGINE_REQUIRED"):

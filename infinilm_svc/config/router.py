@@ -58,6 +58,8 @@ class RouterConfig:
     tier_header: str = "X-Service-Tier"     # the class when the body has no service_tier
     tenant_weights: Mapping[str, float] = field(default_factory=dict)   # fair-share weight per tenant (default 1)
     priority_keys: tuple[str, ...] = ()     # with api_keys: the keys allowed to ask for service_tier priority
+    stream_upstream: bool = True            # ask engines for a stream and assemble non-streamed answers from it
+    stream_upstream_models: Mapping[str, bool] = field(default_factory=dict)   # per model, overrides it
     session_load_factor: float = 1.25       # bounded-load consistent hashing
     cache_min_match: int = 64               # cache_aware: shortest useful prefix match (chars)
     cache_balance_ratio: float = 1.5        # cache_aware: skip the match if its load is this much over the least

@@ -18,6 +18,7 @@ from ..config.router import RouterConfig
 from ..errors import ApiError, error_body, parse_json_object
 from ..wire import dumps
 from .access import AccessLog
+from .assembly import Assembler, StreamError, stream_body
 from .balancer import Route
 from .failures import (
     BackendHung,
@@ -51,6 +52,8 @@ DROP_RESPONSE = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", 
                            b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"date",
                            b"server"})
 RETRY_STATUSES = frozenset({502, 503, 504})
+# Requests whose non-streamed answer is assembled from a stream (stream_upstream).
+ASSEMBLED_PATHS = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions"})
 _CLIENT_HIGH_WATER = 1 << 18   # bytes queued for a streaming client before we wait for it to read
 
 
@@ -160,6 +163,8 @@ class Admitted(NamedTuple):
     path: str             # the request's path and query, as sent
     rank: int             # its class (queueing.CLASSES)
     tenant: str           # whose work it is, for fair shares
+    upstream: bytes       # the body the engine is sent (a stream, when the answer is assembled)
+    assemble: bool        # a non-streamed answer built here from the engine's stream
 
 
 class ClientGone(Exception):
@@ -342,7 +347,10 @@ class Proxy:
         rank, tenant = classify(data, request.headers, token, self.config,
                                 token is None or (bool(self.config.priority_keys)
                                                   and self.promoters.allows(request.headers.get("Authorization"))))
-        return Admitted(body, data, model, group, b"".join(lines), path, rank, tenant)
+        assemble = (data is not None and path.partition("?")[0] in ASSEMBLED_PATHS and not data.get("stream")
+                    and self.config.stream_upstream_models.get(model, self.config.stream_upstream))
+        return Admitted(body, data, model, group, b"".join(lines), path, rank, tenant,
+                        stream_body(data) if assemble and data is not None else body, assemble)
 
     # -- attempt: pick, send, retry before the first byte ------------------------------------------------
     async def _attempt(self, request: web.BaseRequest, adm: Admitted, route: Route, mstats: Counters,
@@ -385,10 +393,12 @@ class Proxy:
                 headers = adm.headers + b.auth_lines if b.auth_lines else adm.headers
                 ex.tried = loop.time()
                 ex.sent = perf_counter()
-                reply, payload = await self._send(b, pl, method, path, headers, adm.body)
+                reply, payload = await self._send(b, pl, method, path, headers, adm.upstream)
                 ex.answered = perf_counter()
                 ex.status = reply.status
-                if reply.streaming:
+                if reply.streaming and adm.assemble and reply.status == 200:
+                    payload = await self._gather(reply, pl, path, b, mstats, ex)
+                elif reply.streaming:
                     return await self._relay(request, adm, route, reply, b, mstats, ex, exclude)
                 if payload is None:
                     payload = await reply.read()
@@ -419,7 +429,12 @@ class Proxy:
             status = reply.status
             ex.ttfb = ttfb = loop.time() - ex.t0
             ex.nbytes = len(payload)
-            answer = web.Response(body=payload, status=status, headers=self._response_headers(reply, ex.rid, b))
+            out_headers = self._response_headers(reply, ex.rid, b)
+            if adm.assemble and reply.streaming:
+                for k in [k for k in out_headers if k.lower() in ("content-type", "cache-control")]:
+                    del out_headers[k]
+                out_headers["Content-Type"] = "application/json"
+            answer = web.Response(body=payload, status=status, headers=out_headers)
             if status == 501:
                 # Not Implemented: an endpoint this engine lacks (llama-server's embeddings without
                 # --embeddings), not a broken backend. Learned, and asked elsewhere.
@@ -451,9 +466,10 @@ class Proxy:
                         ex.tokens = usage[0] + usage[1]
             own = loop.time() - ex.tried
             bs.latency.add(own)
-            bs.ttft.add(own)
             mstats.latency.add(ttfb)
-            mstats.ttft.add(ttfb)
+            if not (adm.assemble and reply.streaming):      # else taken at the stream's first token
+                bs.ttft.add(own)
+                mstats.ttft.add(ttfb)
             if status < 500:
                 absorbed(ex)
             mstats.overhead.add(ex.sent - ex.started)      # the router's own time before the backend had it
@@ -475,6 +491,49 @@ class Proxy:
         mstats.error(f.kind, msg, loop.time())
         raise ApiError(f.status, f"{f.message}: {msg}", "server_error", f.code,
                        headers={"Retry-After": "2"} if f.status == 503 else None)
+
+    async def _gather(self, reply: Reply, pl: Placement | None, path: bytes, b: Backend, mstats: Counters,
+                      ex: Exchange) -> bytes:
+        """The non-streamed answer assembled from the engine's stream. The stream's first piece is
+        the request's time to first token; a client that leaves cancels this, which closes the
+        stream, so the engine stops at its next token."""
+        asm = Assembler(b"chat" in path)
+        loop = asyncio.get_running_loop()
+        bad: list[BaseException] = []
+
+        def sink(data: bytes) -> bool:
+            if ex.ttfb is None:
+                now = loop.time()
+                ex.ttfb = now - ex.t0
+                b.stats.ttft.add(now - ex.tried)
+                mstats.ttft.add(ex.ttfb)
+                if pl is not None:
+                    pl.first_byte()
+            if pl is not None and (b'"timings"' in data or b'"cached_tokens"' in data):
+                pl.observe(data)
+            if not bad:
+                try:
+                    asm.feed(data)
+                except (StreamError, ValueError) as exc:
+                    bad.append(exc)
+            return False
+
+        async def never_full() -> None:
+            return None
+
+        try:
+            await reply.relay(sink, never_full)
+        except BaseException:
+            reply.close()
+            raise
+        ex.ttfb = None                       # the client's first byte is the whole answer, now
+        if bad:
+            if isinstance(bad[0], StreamError):
+                raise StreamErrorEvent(f"the backend sent an error event: {bad[0]}")
+            raise ProtocolError(f"a stream the router could not read: {bad[0]}")
+        if not asm.done and not asm.choices:
+            raise ProtocolError("the stream ended with no answer")
+        return dumps(asm.answer()).encode()
 
     async def _send(self, b: Backend, pl: Placement | None, method: bytes, path: bytes, headers: bytes,
                     body: bytes) -> tuple[Reply, bytes | None]:
