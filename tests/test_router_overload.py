@@ -120,6 +120,10 @@ async def test_two_tenants_flooding_share_the_engine_turn_about(dep):
     assert first.count("x") == 3 and first.count("y") == 3, order
     tenants = (await queue_of(dep))["tenants"]
     assert tenants["user:x"]["admitted"] == tenants["user:y"]["admitted"] == 6
+    async with dep.session.get(dep.router_url + "/metrics") as r:
+        metrics = await r.text()
+    assert 'infinilm_router_queue_admitted_total{model="m",tenant="user:x"} 6.0' in metrics
+    assert 'infinilm_router_queue_wait_seconds_count{model="m",class="default"} 12.0' in metrics
 
 
 async def test_a_tenant_over_its_share_gets_429_with_a_retry_after_others_are_queued(dep):

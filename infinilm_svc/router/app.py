@@ -223,7 +223,7 @@ def create_app(config: RouterConfig) -> web.Application:
     app[DISCOVERY] = Discovery(config, table, health, scheduler.freed)
     app[PROXY] = proxy
     lag = app[LAG] = LoopLag()
-    exposition = Exposition(table, health, lag)
+    exposition = Exposition(table, health, lag, scheduler)
 
     async def metrics(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})

@@ -17,6 +17,7 @@ from .stats import BUCKETS, Counters
 if TYPE_CHECKING:
     from .health import Health
     from .kvmodel import EngineCache
+    from .queueing import Scheduler
     from .table import Table
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -125,10 +126,11 @@ def _cache_model_rows() -> list[tuple[str, str, str, Callable[[str, "EngineCache
 class Exposition:
     """Everything /metrics shows about one router."""
 
-    def __init__(self, table: "Table", health: "Health", lag: LoopLag) -> None:
+    def __init__(self, table: "Table", health: "Health", lag: LoopLag, scheduler: "Scheduler | None" = None) -> None:
         self.table = table
         self.health = health
         self.lag = lag
+        self.scheduler = scheduler
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The exposition text, in pieces of at most SLICE rows of one family."""
@@ -166,7 +168,41 @@ class Exposition:
                     yield "".join(out).encode()
                     out = []
                     await asyncio.sleep(0)
+        if self.scheduler is not None:
+            yield self.queue_text().encode()
         yield self.router_text().encode()
+
+    def queue_text(self) -> str:
+        """The models' queues: waiting and running by class, and what each tenant got."""
+        from .queueing import CLASSES
+        assert self.scheduler is not None
+        qs = [("/".join(k for k in key if k) or "(none)", q) for key, q in list(self.scheduler.queues.items())
+              if q.tenants or q.waiting]
+        p = "infinilm_router_queue"
+        out = [header(f"{p}_waiting", "gauge", "Requests waiting at the router for a place on an engine"),
+               *(f'{p}_waiting{{model="{label(m)}",class="{c}"}} {num(sum(1 for a in q.waiting if a.rank == i))}\n'
+                 for m, q in qs for i, c in enumerate(CLASSES)),
+               header(f"{p}_running", "gauge", "Requests on an engine now, by class"),
+               *(f'{p}_running{{model="{label(m)}",class="{c}"}} {num(q.running[i])}\n'
+                 for m, q in qs for i, c in enumerate(CLASSES))]
+        for name, help_text, attr in (("admitted", "Requests given a place on an engine", "admitted"),
+                                      ("rejected", "Requests refused with 429 (queue full for them)", "rejected"),
+                                      ("cancelled", "Requests whose client left while they waited", "cancelled"),
+                                      ("tokens", "Tokens served, by tenant (usage, else the estimate)", "tokens")):
+            out.append(header(f"{p}_{name}_total", "counter", help_text))
+            out.extend(f'{p}_{name}_total{{model="{label(m)}",tenant="{label(t.name)}"}} {num(getattr(t, attr))}\n'
+                       for m, q in qs for t in list(q.tenants.values()))
+        name = f"{p}_wait_seconds"
+        out.append(header(name, "histogram", "Time waited at the router before a place on an engine, by class"))
+        for m, q in qs:
+            for i, c in enumerate(CLASSES):
+                s, acc = q.waits[i], 0
+                lab = f'model="{label(m)}",class="{c}"'
+                for le, n in zip(_LE, s.buckets, strict=True):
+                    acc += n
+                    out.append(f'{name}_bucket{{{lab},le="{le}"}} {num(acc)}\n')
+                out.append(f"{name}_count{{{lab}}} {num(acc)}\n{name}_sum{{{lab}}} {num(s.total)}\n")
+        return "".join(out)
 
     def router_text(self) -> str:
         """The router-wide families: registry, event loop, health checks."""
