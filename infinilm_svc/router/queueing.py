@@ -147,6 +147,7 @@ class ModelQueue:
         self._members: tuple[list, frozenset] = ([], frozenset())
         self._capacity: tuple[list, int] = ([], 0)
         self.left: deque[float] = deque(maxlen=128)
+        self.peaks: deque[tuple[float, int]] = deque(maxlen=4096)   # (when, non-flex running) at each start
         self.dispatched = 0
         self.rejected = 0
         self.cancelled = 0
@@ -183,9 +184,19 @@ class ModelQueue:
         return self._capacity[1]
 
     def reserve(self) -> int:
+        """Places flex work leaves free: what the other classes have needed at once lately (their
+        peak over the last minute, plus one for the next arrival), at least one, at most
+        `reserve_share` of the model's places. Work-conserving when they are quiet, room when not."""
         cap = self.capacity()
         share = self.scheduler.config.reserve_share
-        return max(1, round(cap * share)) if cap >= 2 and share > 0 else 0
+        if cap < 2 or share <= 0:
+            return 0
+        now = time.monotonic()
+        peaks = self.peaks
+        while peaks and peaks[0][0] < now - 60:
+            peaks.popleft()
+        needed = max((n for _, n in peaks), default=0) + 1
+        return max(1, min(needed, round(cap * share)))
 
     def may_start(self, rank: int) -> bool:
         """Whether a request of this class may take a free place now (flex leaves the reserve)."""
@@ -202,6 +213,8 @@ class ModelQueue:
         ask.started = True
         self.running[ask.rank] += 1
         ask.tenant.admitted += 1
+        if ask.rank < FLEX:
+            self.peaks.append((time.monotonic(), self.running[0] + self.running[1]))
 
     async def wait(self, ask: Ask, key: bytes, timeout: float) -> "Backend":
         """Queue `ask` until a backend of the model hands it a place; that backend (its place taken)."""
