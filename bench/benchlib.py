@@ -69,6 +69,21 @@ async def register_all(session: Any, registry: str, records: Iterable[dict], wor
     return failed
 
 
+async def wait_up(session: aiohttp.ClientSession, base: str, timeout: float = 30.0) -> None:
+    """Return once `base`/health answers 200; exit the benchmark after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with session.get(base + "/health") as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{base} did not start within {timeout:g} s")
+        await asyncio.sleep(0.1)
+
+
 # --- real engines: llama-server fleets for the routing benchmarks -------------------------------
 
 def engine_dir() -> Path:
@@ -113,17 +128,7 @@ class Engines:
         """Wait until each answers /health; each one's slot count (its /props)."""
         slots = []
         for url in self.urls:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    async with session.get(url + "/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{url} did not start")
-                await asyncio.sleep(0.1)
+            await wait_up(session, url, 120)
             async with session.get(url + "/props") as r:
                 slots.append(int((await r.json())["total_slots"]))
         return slots

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchlib import ROOT, cpu_seconds, free_port
+from benchlib import ROOT, cpu_seconds, free_port, wait_up
 
 
 def etcd_binary() -> str:
@@ -54,20 +54,6 @@ def start_registry(tmp: Path, name: str, extra: str) -> tuple[subprocess.Popen, 
     pyz = ROOT / "infinilm-svc.pyz"
     proc = subprocess.Popen([sys.executable, str(pyz), "--config", str(cfg), "--log-level", "warning"])
     return proc, f"http://127.0.0.1:{port}"
-
-
-async def wait_up(s: aiohttp.ClientSession, base: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with s.get(base + "/health") as r:
-                if r.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"registry {base} did not start")
-        await asyncio.sleep(0.1)
 
 
 async def main() -> None:
